@@ -1,0 +1,92 @@
+"""The page's formulas as code, and a one-time probe of the device they are compared against.
+
+Symbols match the math section: B sequences, L layers, T tokens, H_kv KV heads, d_head head size,
+s bytes per element, P tokens per page. The page shows these functions' own source and runs them
+on the slider values, so the formulas cannot drift from what is displayed.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def kv_bytes(T: int, layers: int, h_kv: int, d_head: int, batch: int = 1,
+             bytes_per_elem: int = 2) -> int:
+    """M_KV = 2 * B * L * T * H_kv * d_head * s: keys and values for every cached token."""
+    return 2 * batch * layers * T * h_kv * d_head * bytes_per_elem
+
+
+def kv_gb(T: int, layers: int, h_kv: int, d_head: int, batch: int = 1,
+          bytes_per_elem: int = 2) -> float:
+    """The same, in decimal gigabytes (1e9 bytes)."""
+    return kv_bytes(T, layers, h_kv, d_head, batch, bytes_per_elem) / 1e9
+
+
+def waste_tokens(T: int, P: int) -> int:
+    """Empty slots in a sequence's last page: ceil(T / P) * P - T, between 0 and P - 1."""
+    return math.ceil(T / P) * P - T
+
+
+def decode_tpot_floor_s(weight_bytes: int, kv_bytes_read: int, bandwidth_bytes_s: float) -> float:
+    """A decode step reads every weight and every cached K/V once: it cannot beat bytes / bandwidth."""
+    return (weight_bytes + kv_bytes_read) / bandwidth_bytes_s
+
+
+def prefill_ttft_floor_s(params: int, tokens: int, flops_per_s: float) -> float:
+    """Prefill costs about 2 FLOPs per parameter per prompt token: TTFT >= 2 * N * T / FLOP/s."""
+    return 2 * params * tokens / flops_per_s
+
+
+@dataclass(frozen=True)
+class DeviceProbe:
+    """What the device can do at best, measured once: read bandwidth and matmul throughput."""
+
+    device: str
+    bandwidth_gbs: float  # GB/s streamed by a large copy (bytes read + written)
+    matmul_tflops: float  # dense matmul in the engine's dtype
+
+    @property
+    def bandwidth_bytes_s(self) -> float:
+        return self.bandwidth_gbs * 1e9
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.matmul_tflops * 1e12
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm caches and allocators
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def probe(device_type: str = "cpu") -> DeviceProbe:
+    """Measure the device once per process (the cache is the sharing, on purpose)."""
+    device = torch.device(device_type)
+    cuda = device.type == "cuda"
+    n_bytes = (1 << 30) if cuda else (256 << 20)  # far beyond any cache level
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    t_copy = _best_time(lambda: dst.copy_(src), device, repeats=5)
+    bandwidth = 2 * n_bytes / t_copy / 1e9  # a copy reads and writes every byte
+    del src, dst
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n = 8192 if cuda else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    t_mm = _best_time(lambda: a @ b, device, repeats=5)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU: {torch.get_num_threads()} threads"
+    return DeviceProbe(device=name, bandwidth_gbs=bandwidth, matmul_tflops=2 * n**3 / t_mm / 1e12)

@@ -1,0 +1,205 @@
+"""The serving loop: admit arriving requests, schedule, run, record, repeat.
+
+`LLMEngine(config).run(workload, on_step=...)` returns a `Trace` of measured records. The loop keeps
+real time: requests arrive when their arrival time comes, the loop sleeps when idle, and every step
+is timed with the wall clock (the runner's `.tolist()` waits for the device, so CUDA work is done
+before the clock is read). The engine knows nothing of text or of the page that draws its records.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence as Seq
+
+import torch
+
+from engine.block_manager import BlockManager, blocks_for
+from engine.config import ConfigError, EngineConfig
+from engine.model import KVCache
+from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
+from engine.runner import ModelRunner
+from engine.scheduler import Batch, Scheduler
+from engine.sequence import Sequence
+from engine.weights import load_model
+from engine.workload import Request, WorkloadSpec, make_requests
+
+CPU_KV_BUDGET = 512 * 2**20  # a CPU run rarely needs more, and the lab's host has other users
+GPU_KV_FRACTION = 0.5  # of the memory left free after the weights
+
+
+class Cancelled(Exception):
+    """The caller asked the run to stop (a newer job superseded it)."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """What the page and the CLI print as the measuring device."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU: {torch.get_num_threads()} threads"
+
+
+class LLMEngine:
+    """One model, one paged KV cache, one scheduler policy."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = load_model(config.model, config.seed, self.device, self.dtype,
+                                config.model_config)
+        self.model_config = self.model.config
+        self.max_len = config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_len > self.model_config.max_position_embeddings:
+            raise ConfigError(f"max_model_len {self.max_len} is past the model's maximum of "
+                              f"{self.model_config.max_position_embeddings} positions")
+        elem = torch.finfo(self.dtype).bits // 8
+        self.block_bytes = self.model_config.kv_bytes_per_token(elem) * config.block_size
+        budget = config.kv_budget_bytes or self._default_budget()
+        self.num_blocks = budget // self.block_bytes
+        if self.num_blocks < 1:
+            raise ConfigError(f"KV budget of {budget} bytes holds no block of {self.block_bytes} "
+                              "bytes; raise the budget or lower the page size")
+        self.cache = KVCache(self.model_config, self.num_blocks, config.block_size, self.dtype,
+                             self.device)
+        self.device_name = describe_device(self.device)
+        self._warm_up()
+
+    def _default_budget(self) -> int:
+        if self.device.type != "cuda":
+            return CPU_KV_BUDGET
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return int(free * GPU_KV_FRACTION)
+
+    def _warm_up(self) -> None:
+        """One tiny prefill and decode so one-time allocations do not land in the first TTFT."""
+        blocks = BlockManager(self.num_blocks, self.config.block_size)
+        runner = ModelRunner(self.model, self.cache, blocks, self.device)
+        seq = Sequence(RequestRecord(id=-1, prompt_ids=[0, 1], max_tokens=2, arrival_s=0.0))
+        for _ in range(2):
+            blocks.allocate(seq.id, seq.num_tokens)
+            token = runner.execute(Batch(items=[(seq, seq.remaining)]))
+            seq.num_computed = seq.num_tokens
+            seq.append(token[seq.id], 0.0)
+
+    # -- checks --------------------------------------------------------------------------------
+    def check(self, requests: Seq[Request]) -> None:
+        """Refuse a workload no request of which could ever run."""
+        cfg = self.config
+        shortest = min(len(r.prompt_ids) + r.max_tokens for r in requests)
+        if shortest > self.max_len:
+            raise ConfigError(f"context + output = {shortest} tokens is past the model's maximum "
+                              f"of {self.max_len}")
+        if blocks_for(shortest, cfg.block_size) > self.num_blocks:
+            raise ConfigError(
+                f"the KV budget holds {self.num_blocks} blocks of {cfg.block_size} tokens "
+                f"({self.num_blocks * cfg.block_size} tokens); one request needs {shortest}")
+        if not cfg.chunked_prefill and shortest > cfg.max_num_batched_tokens:
+            raise ConfigError(f"without chunked prefill a request of {shortest} tokens needs "
+                              f"max_num_batched_tokens >= {shortest}")
+
+    def _why_never(self, r: Request) -> str | None:
+        """Why one request can never be served here, or None."""
+        total = len(r.prompt_ids) + r.max_tokens
+        if total > self.max_len:
+            return f"{total} tokens is past the model's maximum of {self.max_len}"
+        if blocks_for(total, self.config.block_size) > self.num_blocks:
+            return f"{total} tokens need more KV blocks than the cache holds ({self.num_blocks})"
+        if not self.config.chunked_prefill and total > self.config.max_num_batched_tokens:
+            return f"{total} tokens exceed the per-step token budget without chunked prefill"
+        if any(not 0 <= t < self.model_config.vocab_size for t in r.prompt_ids):
+            return "prompt holds token ids outside the vocabulary"
+        return None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, workload: WorkloadSpec | Seq[Request],
+            on_step: Callable[[StepRecord], None] | None = None,
+            cancel: threading.Event | None = None) -> Trace:
+        """Serve every request of `workload`; `on_step` sees each step's record as it happens."""
+        requests = (make_requests(workload, self.model_config.vocab_size)
+                    if isinstance(workload, WorkloadSpec) else list(workload))
+        if not requests:
+            raise ConfigError("the workload holds no requests")
+        self.check(requests)
+        cfg = self.config
+        blocks = BlockManager(self.num_blocks, cfg.block_size)
+        scheduler = Scheduler(cfg, blocks, self.max_len)
+        runner = ModelRunner(self.model, self.cache, blocks, self.device)
+        records = [RequestRecord(id=r.id, prompt_ids=list(r.prompt_ids), max_tokens=r.max_tokens,
+                                 arrival_s=r.arrival_s) for r in requests]
+        pending = deque(sorted(zip(requests, records), key=lambda rr: rr[0].arrival_s))
+        steps: list[StepRecord] = []
+        peak: PageSnapshot | None = None
+        peak_blocks = 0
+        t0 = time.perf_counter()
+
+        def now() -> float:
+            return time.perf_counter() - t0
+
+        while pending or scheduler.has_work:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            while pending and pending[0][0].arrival_s <= now():
+                request, record = pending.popleft()
+                record.rejected = self._why_never(request)
+                if record.rejected is None:
+                    scheduler.add(Sequence(record))
+            if not scheduler.has_work:
+                if pending:
+                    time.sleep(max(0.0, pending[0][0].arrival_s - now()))
+                continue
+            allocated, freed = blocks.allocated_total, blocks.freed_total
+            t_start = now()
+            batch = scheduler.schedule(t_start)
+            if not batch.items:
+                if pending:  # everyone left is waiting for memory that an arrival cannot free
+                    time.sleep(max(0.0, pending[0][0].arrival_s - now()))
+                    continue
+                raise RuntimeError("scheduler made no progress with work left; this is a bug")
+            items = [ScheduledItem(seq.id, n, not seq.is_decode, seq.num_computed + n)
+                     for seq, n in batch.items]
+            sampled = runner.execute(batch)
+            t_end = now()
+            finished = scheduler.finish_step(batch, sampled, t_end)
+            step = self._record(len(steps), t_start, t_end, items, batch.preempted, scheduler,
+                                blocks, finished, allocated, freed)
+            steps.append(step)
+            if peak is None or step.kv_blocks_used > peak_blocks:
+                peak_blocks = step.kv_blocks_used
+                peak = PageSnapshot(step.index, cfg.block_size, self.num_blocks,
+                                    {k: list(v) for k, v in blocks.block_tables.items()},
+                                    dict(blocks.num_tokens))
+            if on_step is not None:
+                on_step(step)
+        return Trace(device=self.device_name, model=cfg.model, config=cfg.to_json(),
+                     requests=records, steps=steps, block_size=cfg.block_size,
+                     num_blocks=self.num_blocks, block_bytes=self.block_bytes,
+                     kv_bytes_capacity=self.num_blocks * self.block_bytes, duration_s=now(),
+                     peak_snapshot=peak, weight_bytes=self.model.weight_bytes())
+
+    def _record(self, index: int, t_start: float, t_end: float, items: list[ScheduledItem],
+                preempted: list[int], scheduler: Scheduler, blocks: BlockManager,
+                finished: list[int], allocated: int, freed: int) -> StepRecord:
+        """The step's counts, read from the allocator after the step."""
+        decode_seqs = sum(not it.is_prefill for it in items)
+        token_bytes = self.block_bytes // self.config.block_size
+        return StepRecord(
+            index=index, t_start=t_start, t_end=t_end,
+            prefill_tokens=sum(it.num_tokens for it in items if it.is_prefill),
+            decode_seqs=decode_seqs, running=len(scheduler.running),
+            waiting=len(scheduler.waiting), kv_blocks_used=blocks.num_used,
+            kv_bytes_used=blocks.num_used * self.block_bytes, waste_tokens=blocks.waste_tokens,
+            tokens_stored=blocks.tokens_stored,
+            contiguous_bytes=scheduler.contiguous.reserved_tokens * token_bytes,
+            scheduled=items, blocks_allocated=blocks.allocated_total - allocated,
+            blocks_freed=blocks.freed_total - freed, finished=finished,
+            preempted=list(preempted))
+

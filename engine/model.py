@@ -1,0 +1,228 @@
+"""A Llama-style decoder that reads and writes a paged KV cache.
+
+RMSNorm, rotary position embeddings (Hugging Face's rotate-half layout), grouped-query attention and
+a SwiGLU MLP. Module and parameter names mirror Hugging Face's `LlamaForCausalLM.state_dict()`, so
+its checkpoints load unchanged. The forward pass works on a flat list of tokens from many sequences:
+`AttentionMetadata` says which tokens are decodes (one per sequence, first in the list) and which
+are prefill chunks, where each token's K/V goes in the cache, and which block table each sequence
+reads through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.kernels.paged_attention import paged_decode_attention
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's prefill chunk inside the flat token list."""
+
+    start: int  # offset of the chunk's first token in the flat batch
+    length: int  # tokens in the chunk
+    context_len: int  # tokens cached for this sequence once the chunk is written
+    block_table: torch.Tensor  # (n_blocks,) physical block ids
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flat token batch maps onto sequences and cache slots."""
+
+    slot_mapping: torch.Tensor  # (N,) flat cache slot for each token's K/V
+    num_decodes: int  # the first num_decodes tokens are decodes, one per sequence
+    decode_block_tables: torch.Tensor | None  # (num_decodes, max_blocks)
+    decode_context_lens: torch.Tensor | None  # (num_decodes,) including the new token
+    prefills: list[PrefillChunk]
+
+
+class KVCache:
+    """Per-layer K and V pages: (num_blocks, block_size, n_kv_heads, d_head) each."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
+                 cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, NB, P, Hkv, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, as Hugging Face does, so bf16 runs match its numerics.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for every position up to the model's maximum, built once."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        t = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq)  # (max_pos, D/2)
+        emb = torch.cat([freqs, freqs], dim=-1)  # (max_pos, D)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x: (N, H, D) by the angles of `positions`: (N,)."""
+        cos = self.cos[positions][:, None, :].to(x.dtype)  # (N, 1, D)
+        sin = self.sin[positions][:, None, :].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.d_head = (cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                cfg.head_dim)
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.d_head, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.d_head, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.d_head, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=False)
+        self.scale = self.d_head ** -0.5
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary,
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        q = rotary(self.q_proj(x).view(n, self.n_heads, self.d_head), positions)  # (N, Hq, D)
+        k = rotary(self.k_proj(x).view(n, self.n_kv, self.d_head), positions)  # (N, Hkv, D)
+        v = self.v_proj(x).view(n, self.n_kv, self.d_head)
+        k_cache.view(-1, self.n_kv, self.d_head).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.n_kv, self.d_head).index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)  # (N, Hq, D)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                              meta.decode_context_lens, self.scale)
+        for chunk in meta.prefills:
+            s, c = chunk.start, chunk.length
+            if chunk.context_len == c:
+                ks, vs = k[s:s + c], v[s:s + c]  # nothing cached before: use the fresh K/V
+            else:
+                ks = k_cache[chunk.block_table].view(-1, self.n_kv, self.d_head)[:chunk.context_len]
+                vs = v_cache[chunk.block_table].view(-1, self.n_kv, self.d_head)[:chunk.context_len]
+            out[s:s + c] = self._causal(q[s:s + c], ks, vs)
+        return self.o_proj(out.view(n, self.n_heads * self.d_head))
+
+    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the last q.shape[0] positions over all of k/v: (C, Hq, D)."""
+        c, t = q.shape[0], k.shape[0]
+        group = self.n_heads // self.n_kv
+        qh = q.transpose(0, 1)  # (Hq, C, D)
+        kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # (Hq, T, D)
+        vh = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        if c == t:
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        else:
+            # Query i sits at position t - c + i and may see keys 0..t - c + i.
+            allowed = (torch.arange(t, device=q.device)[None, :]
+                       <= torch.arange(t - c, t, device=q.device)[:, None])  # (C, T)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed, scale=self.scale)
+        return o.transpose(0, 1)  # (C, Hq, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Backbone(nn.Module):
+    """Named `model` inside `Llama`, as in Hugging Face, so state_dict keys line up."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+
+    def init_random(self, seed: int) -> None:
+        """Seeded normal weights (std = initializer_range), unit norms: the default model."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * self.config.initializer_range)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                meta: AttentionMetadata, logit_index: torch.Tensor) -> torch.Tensor:
+        """Run the flat batch, write its K/V, return logits at `logit_index`: (M, vocab)."""
+        h = self.model.embed_tokens(input_ids)  # (N, d)
+        for i, layer in enumerate(self.model.layers):
+            h = h + layer.self_attn(layer.input_layernorm(h), positions, self.rotary,
+                                    cache.k[i], cache.v[i], meta)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.model.norm(h[logit_index])  # (M, d)
+        return self.lm_head(h).float()  # (M, vocab)
+
+    def to_decode_layout(self) -> "Llama":
+        """On the CPU, store each weight matrix transposed in memory (the parameter keeps its
+        (out, in) shape as a view): a batch-1 matrix-vector product then streams the weights in
+        the order BLAS reads fastest. Measured on a 2-core EPYC, a whole decode step's weights go
+        through about 1.5x faster this way."""
+        if next(self.parameters()).device.type == "cpu":
+            with torch.no_grad():
+                for module in self.modules():
+                    if isinstance(module, nn.Linear):
+                        module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
+    def weight_bytes(self) -> int:
+        """Bytes a decode step reads for weights: all parameters (a tied matrix once), less an
+        untied embedding table, of which a step reads only a few rows."""
+        total = sum(p.nbytes for p in self.parameters())
+        if not self.config.tie_word_embeddings:
+            total -= self.model.embed_tokens.weight.nbytes
+        return total

@@ -1,0 +1,113 @@
+"""What a run leaves behind: per-request and per-step records, and the whole trace.
+
+These dataclasses are the engine's only output format. The scheduler and runner fill them while the
+loop runs; `metrics.summarize` reads them; the lab's widgets draw them. Times are seconds since the
+run started (`time.perf_counter()` relative to the run's start), measured, never modelled.
+Nothing here imports torch, so the lab can hold traces without touching the device.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestRecord:
+    """One request's life: what it asked for, what it got, and when each event happened."""
+
+    id: int
+    prompt_ids: list[int]
+    max_tokens: int  # output length asked for; generation stops there
+    arrival_s: float
+    scheduled_s: float | None = None  # first time any of its tokens entered a batch
+    first_token_s: float | None = None
+    token_times_s: list[float] = field(default_factory=list)  # one per output token
+    output_ids: list[int] = field(default_factory=list)
+    finish_s: float | None = None
+    preemptions: int = 0
+    rejected: str | None = None  # why it could never run (too long for the KV budget, ...)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_s is not None and self.rejected is None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ScheduledItem:
+    """One sequence's share of one step: how many tokens it contributed and of which kind."""
+
+    request_id: int
+    num_tokens: int  # prompt tokens in a prefill chunk, 1 for a decode
+    is_prefill: bool
+    context_len: int  # tokens in the KV cache for this sequence after the step
+
+
+@dataclass
+class StepRecord:
+    """One engine iteration (one forward pass over a mixed batch)."""
+
+    index: int
+    t_start: float
+    t_end: float
+    prefill_tokens: int  # prompt tokens processed this step (all chunks together)
+    decode_seqs: int  # sequences that produced a decode token this step
+    running: int  # sequences holding KV blocks after the step
+    waiting: int  # arrived requests not yet admitted (or preempted) after the step
+    kv_blocks_used: int
+    kv_bytes_used: int  # blocks used * bytes per block, as allocated
+    waste_tokens: int  # reserved-but-empty slots in the last block of each live sequence
+    tokens_stored: int = 0  # tokens actually held in the cache
+    contiguous_bytes: int = 0  # what a max_len-per-request allocator would reserve right now
+    scheduled: list[ScheduledItem] = field(default_factory=list)
+    blocks_allocated: int = 0
+    blocks_freed: int = 0
+    finished: list[int] = field(default_factory=list)  # request ids that completed this step
+    preempted: list[int] = field(default_factory=list)  # request ids evicted this step
+
+    @property
+    def duration_s(self) -> float:
+        return self.t_end - self.t_start
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PageSnapshot:
+    """The block tables at one moment: which physical blocks each live request owns."""
+
+    step_index: int
+    block_size: int
+    num_blocks: int
+    tables: dict[int, list[int]]  # request id -> physical block ids, in logical order
+    tokens: dict[int, int]  # request id -> tokens stored
+
+    def waste(self, request_id: int) -> int:
+        """Empty slots in this request's last block."""
+        return len(self.tables[request_id]) * self.block_size - self.tokens[request_id]
+
+
+@dataclass
+class Trace:
+    """Everything one run measured, in order."""
+
+    device: str  # human-readable, e.g. "CPU: 2 threads" or a GPU's name
+    model: str  # preset name or checkpoint path
+    config: dict[str, Any]
+    requests: list[RequestRecord]
+    steps: list[StepRecord]
+    block_size: int
+    num_blocks: int
+    block_bytes: int  # KV bytes one block holds across all layers (K and V)
+    kv_bytes_capacity: int
+    duration_s: float = 0.0
+    peak_snapshot: PageSnapshot | None = None  # block tables at the step of peak KV use
+    weight_bytes: int = 0  # bytes of model weights, for the decode roofline
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["peak_snapshot"] = asdict(self.peak_snapshot) if self.peak_snapshot else None
+        return out

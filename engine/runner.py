@@ -1,0 +1,73 @@
+"""Turn a scheduled batch into tensors, run the model on the device, and sample.
+
+The only module between bookkeeping and torch: it reads block tables from the block manager to build
+slot mappings and per-sequence tables, puts decodes first in the flat batch (the model's attention
+expects that), and returns greedy tokens for every sequence whose chunk reached its last token.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.model import AttentionMetadata, KVCache, Llama, PrefillChunk
+from engine.scheduler import Batch
+
+
+class ModelRunner:
+    def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager,
+                 device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.blocks = blocks
+        self.device = device
+
+    def execute(self, batch: Batch) -> dict[int, int]:
+        """One forward pass over `batch`; returns {request id: sampled token}."""
+        items = sorted(batch.items, key=lambda it: not it[0].is_decode)  # decodes first
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        sample_for: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for seq, n in items:
+            start = seq.num_computed
+            stop = start + n
+            table = self.blocks.block_tables[seq.id]
+            offset = len(ids)
+            ids.extend(seq.token_ids[start:stop])
+            positions.extend(range(start, stop))
+            p = self.blocks.block_size
+            slots.extend(table[i // p] * p + i % p for i in range(start, stop))
+            if seq.is_decode:
+                decode_tables.append(table)
+                decode_lens.append(stop)
+            else:
+                prefills.append(PrefillChunk(offset, n, stop, torch.tensor(
+                    table[:-(-stop // p)], dtype=torch.long, device=self.device)))
+            if stop == seq.num_tokens:
+                logit_rows.append(len(ids) - 1)
+                sample_for.append(seq.id)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            num_decodes=len(decode_tables),
+            decode_block_tables=self._padded(decode_tables) if decode_tables else None,
+            decode_context_lens=self._tensor(decode_lens) if decode_lens else None,
+            prefills=prefills,
+        )
+        if not logit_rows:  # every chunk was a partial prefill: run for the cache, sample nothing
+            logit_rows = [len(ids) - 1]
+        logits = self.model(self._tensor(ids), self._tensor(positions), self.cache, meta,
+                            self._tensor(logit_rows))
+        tokens = logits.argmax(dim=-1).tolist()  # greedy; .tolist() also waits for the device
+        return dict(zip(sample_for, tokens))
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        """Block tables padded to equal length; padding repeats block 0 and is masked by length."""
+        width = max(len(t) for t in tables)
+        return self._tensor([t + [0] * (width - len(t)) for t in tables])

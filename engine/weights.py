@@ -1,0 +1,87 @@
+"""Build the model: a named preset with seeded random weights, or a local Hugging Face checkpoint.
+
+A checkpoint directory holds `config.json` and one or more `*.safetensors` files, as
+`LlamaForCausalLM.save_pretrained` writes them. Nothing is fetched from a hub. Every way a
+checkpoint can be wrong becomes one `ConfigError` that names the file and the problem.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError, ModelConfig, preset
+from engine.model import Llama
+
+_HF_KEYS = {f.name for f in fields(ModelConfig)}
+
+
+def config_from_hf(raw: dict, source: str) -> ModelConfig:
+    """Map a Hugging Face Llama `config.json` onto ModelConfig."""
+    arch = raw.get("model_type")
+    if arch not in (None, "llama"):
+        raise ConfigError(f"{source}: model_type {arch!r} is not a Llama-style model")
+    try:
+        kwargs = {k: raw[k] for k in _HF_KEYS if k in raw and raw[k] is not None}
+        kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
+        kwargs.setdefault("head_dim", raw["hidden_size"] // raw["num_attention_heads"])
+        if raw.get("rope_scaling"):
+            raise ConfigError(f"{source}: rope_scaling is not supported by this engine")
+        return ModelConfig(**kwargs)
+    except KeyError as missing:
+        raise ConfigError(f"{source}: missing required key {missing}") from None
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_model(model: str, seed: int, device: torch.device, dtype: torch.dtype,
+               override: ModelConfig | None = None) -> Llama:
+    """A preset name gives seeded random weights; a directory path loads its checkpoint."""
+    path = Path(model)
+    if override is None and path.is_dir():
+        return _load_checkpoint(path, device, dtype)
+    if override is None and ("/" in model or path.exists()):
+        raise ConfigError(f"{model!r} is not a checkpoint directory (and not a preset name)")
+    cfg = override or preset(model)
+    net = Llama(cfg)
+    net.init_random(seed)
+    return net.to(device=device, dtype=dtype).eval().to_decode_layout()
+
+
+def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Llama:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{path}: no config.json (expected a save_pretrained directory)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    cfg = config_from_hf(raw, str(cfg_file))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path}: no *.safetensors weight files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(f"{f}: cannot read weights ({err})") from None
+    net = Llama(cfg)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state.get("model.embed_tokens.weight", torch.empty(0))
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ConfigError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                              f"config.json implies {tuple(tensor.shape)}")
+    net.load_state_dict({k: state[k] for k in expected}, strict=True)
+    return net.to(device=device, dtype=dtype).eval().to_decode_layout()

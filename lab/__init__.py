@@ -1,0 +1,1 @@
+"""Serving Lab: the Panel page, its shared engine service and its content."""
