@@ -27,8 +27,22 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
         kwargs = {k: raw[k] for k in _HF_KEYS if k in raw and raw[k] is not None}
         kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
         kwargs.setdefault("head_dim", raw["hidden_size"] // raw["num_attention_heads"])
-        if raw.get("rope_scaling"):
-            raise ConfigError(f"{source}: rope_scaling is not supported by this engine")
+        # transformers >= 5 writes rope_theta inside `rope_parameters`, not at the top level;
+        # reading only the top level silently fell back to 10000 for every such checkpoint.
+        rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: rope parameters {rope!r} are not a JSON object")
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ConfigError(f"{source}: rope scaling {rope!r} is not supported by this engine")
+        if rope.get("rope_theta") is not None:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        # The model has no biases and only SwiGLU; loading such a checkpoint anyway would drop
+        # tensors without a word and compute something else.
+        if raw.get("attention_bias") or raw.get("mlp_bias"):
+            raise ConfigError(f"{source}: attention or MLP biases are not supported by this engine")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported "
+                              "(the engine's MLP is SwiGLU)")
         return ModelConfig(**kwargs)
     except KeyError as missing:
         raise ConfigError(f"{source}: missing required key {missing}") from None
@@ -47,7 +61,7 @@ def load_model(model: str, seed: int, device: torch.device, dtype: torch.dtype,
     cfg = override or preset(model)
     net = Llama(cfg)
     net.init_random(seed)
-    return net.to(device=device, dtype=dtype).eval().to_decode_layout()
+    return net.to(device=device, dtype=dtype).eval().prepare()
 
 
 def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Llama:
@@ -61,6 +75,8 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Ll
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{cfg_file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(raw, dict):  # valid JSON but not an object: .get below would crash
+        raise ConfigError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
     cfg = config_from_hf(raw, str(cfg_file))
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -84,4 +100,4 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Ll
             raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                               f"config.json implies {tuple(tensor.shape)}")
     net.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return net.to(device=device, dtype=dtype).eval().to_decode_layout()
+    return net.to(device=device, dtype=dtype).eval().prepare()
