@@ -16,7 +16,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import ConfigError, EngineConfig
-from engine.model import KVCache
+from engine.model import KVCache, Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
 from engine.runner import ModelRunner
 from engine.scheduler import Batch, Scheduler
@@ -50,12 +50,13 @@ def describe_device(device: torch.device) -> str:
 class LLMEngine:
     """One model, one paged KV cache, one scheduler policy."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, model: Llama | None = None) -> None:
+        """`model` reuses weights already loaded (for the same config.model) instead of loading."""
         self.config = config
         self.device = pick_device(config.device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = load_model(config.model, config.seed, self.device, self.dtype,
-                                config.model_config)
+        self.model = model or load_model(config.model, config.seed, self.device, self.dtype,
+                                         config.model_config)
         self.model_config = self.model.config
         self.max_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.max_len > self.model_config.max_position_embeddings:

@@ -1,6 +1,21 @@
-"""The lab's page, served by `panel serve lab/app.py` (assembled in lab/page.py)."""
+"""The lab's page: `panel serve lab/app.py`. Each browser session gets its own state and demo;
+the engine service, the loaded models and the limits are shared by the whole process."""
+from __future__ import annotations
+
+import os
+
 import panel as pn
 
-pn.extension()
-pn.pane.Markdown("# Serving Lab\nThe concept page is being built; the engine runs from "
-                 "`python -m engine run`.").servable(title="Serving Lab")
+from lab import shared
+from lab.page import build_page
+
+if pn.state.served:
+    theme = "dark" if pn.state.session_args.get("theme", [b""])[0] == b"dark" else "default"
+    pn.extension("katex", throttled=True, theme=theme, design="native",
+                 notifications=False)
+    page = build_page(
+        service=shared.service(), shelf=shared.shelf(), limits=shared.limits(),
+        query={k: v[0].decode("utf-8", "replace") for k, v in pn.state.session_args.items() if v},
+        links={"prerequisite": os.environ.get("LAB_PREREQ_URL", ""),
+               "next": os.environ.get("LAB_NEXT_URL", "")})
+    page.servable(title="LLM Serving at Scale · Serving Lab")

@@ -1,0 +1,231 @@
+"""The interactive demo: sliders -> LabState -> the shared engine service -> live measured plots.
+
+Each session owns one `Demo`. A change of a run-shaping control is checked (`check_run`) and, if it
+may run, submitted to the process's one engine service; steps stream back from the worker thread and
+are handed to this session's event loop with `pn.state.execute` under the session's document, never
+by touching Bokeh models from the worker. SLO changes only re-judge the last trace: no rerun.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from functools import partial
+
+import panel as pn
+from panel.io.state import set_curdoc
+
+from engine import analytic
+from engine.metrics import summarize
+from engine.records import StepRecord, Trace
+from lab.runs import (SWEEP_BATCHES, Limits, ModelShelf, RunKey, bytes_per_elem, check_run,
+                      execute, floor_ms, sweep_key)
+from lab.service import EngineService, Outcome
+from lab.state import LabState
+from widgets.device_banner import DeviceBanner
+from widgets.kv_memory_plot import KVMemoryPlot
+from widgets.latency_plot import LatencyPlot
+from widgets.notice import Notice
+from widgets.page_map import PageMap
+from widgets.style import RunInfo
+from widgets.summary_table import SummaryTable
+from widgets.timeline_plot import TimelinePlot
+from widgets.tpot_batch_plot import TPOTBatchPlot
+
+RUN_CONTROLS = ("batch", "context", "page", "output", "model")
+
+
+class DemoController:
+    """UI-free wiring between one session's state, the service and the plots."""
+
+    def __init__(self, state: LabState, service: EngineService, shelf: ModelShelf,
+                 limits: Limits) -> None:
+        self.state = state
+        self.service = service
+        self.shelf = shelf
+        self.limits = limits
+        self.session = uuid.uuid4().hex
+        self.banner = DeviceBanner()
+        self.notice = Notice()
+        self.summary = SummaryTable()
+        self.latency = LatencyPlot()
+        self.timeline = TimelinePlot()
+        self.kv_memory = KVMemoryPlot()
+        self.page_map = PageMap()
+        self.tpot_batch = TPOTBatchPlot()
+        self.trace: Trace | None = None  # the last good run
+        self.shown_key: RunKey | None = None
+        self.listeners: list = []  # called with (trace, summary) after each finished run
+        self._doc = None
+        self._lock = threading.Lock()
+        self._pending_steps: list[StepRecord] = []
+        self._flush_scheduled = False
+        self._sweep: dict[int, float] = {}
+        self._queue_cb = None
+        state.param.watch(self._on_controls, list(RUN_CONTROLS))
+        state.param.watch(self._on_slo, ["ttft_slo", "tpot_slo"])
+
+    # -- thread hop ----------------------------------------------------------------------------
+    def bind_document(self, doc) -> None:
+        """Remember the session's document so worker callbacks can be scheduled onto it."""
+        self._doc = doc
+
+    def _hop(self, fn, *args) -> None:
+        """Run fn(*args) on this session's event loop (directly when there is no server)."""
+        doc = self._doc
+        if doc is None or getattr(doc, "session_context", None) is None:
+            fn(*args)
+            return
+        with set_curdoc(doc):
+            pn.state.execute(partial(fn, *args), schedule=True)
+
+    # -- submitting ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.submit()
+
+    def _on_controls(self, *_events) -> None:
+        self.submit()
+
+    def submit(self) -> None:
+        key = self.state.key()
+        why = check_run(key, self.limits)
+        if why is not None:
+            self.state.param.update(status="refused", notice=why)
+            self.notice.show(why + " The plots keep the last measured run.")
+            return
+        self.notice.clear()
+        self.state.param.update(status="queued", notice="", steps_done=0)
+        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map):
+            plot.reset()
+        self.summary.reset()
+        with self._lock:
+            self._pending_steps.clear()
+        self.service.submit(self.session, key, partial(self._run, key),
+                            on_done=lambda o: self._hop(self._finish, key, o),
+                            on_step=self._step_from_worker)
+        self._watch_queue()
+
+    def _run(self, key: RunKey, on_step, cancel) -> Trace:
+        return execute(key, self.shelf, on_step, cancel)
+
+    def _step_from_worker(self, step: StepRecord) -> None:
+        with self._lock:
+            self._pending_steps.append(step)
+            if self._flush_scheduled:
+                return  # the scheduled flush will take this step too
+            self._flush_scheduled = True
+        self._hop(self._flush_steps)
+
+    def _flush_steps(self) -> None:
+        with self._lock:
+            steps, self._pending_steps = self._pending_steps, []
+            self._flush_scheduled = False
+        if not steps:
+            return
+        info = self._run_info()
+        self.state.param.update(status="running", steps_done=self.state.steps_done + len(steps),
+                                queue_position=0)
+        self.timeline.add_steps(steps, info)
+        self.kv_memory.add_steps(steps, info)
+
+    def _run_info(self) -> RunInfo:
+        key = self.state.key()
+        elem = bytes_per_elem(self.shelf.device)
+        cfg = self.shelf.get(key.model).config
+        block_bytes = cfg.kv_bytes_per_token(elem) * key.page
+        from lab.runs import kv_need_bytes
+        capacity = kv_need_bytes(key, cfg, elem)
+        return RunInfo(block_size=key.page, num_blocks=capacity // block_bytes,
+                       kv_bytes_capacity=capacity, block_bytes=block_bytes,
+                       device=self.banner_device(), model=key.model)
+
+    def banner_device(self) -> str:
+        return analytic.probe(self.shelf.device.type).device
+
+    # -- results -------------------------------------------------------------------------------
+    def _finish(self, key: RunKey, outcome: Outcome) -> None:
+        self._stop_queue_watch()
+        if outcome.cancelled:
+            return  # a newer submission replaced this one; its own result will come
+        if outcome.error is not None:
+            self.state.param.update(status="failed", notice=outcome.error)
+            self.notice.show(outcome.error + " The plots keep the last measured run.", "danger")
+            if self.trace is not None:
+                self._draw(self.trace)
+            return
+        self._flush_steps()
+        self.trace = outcome.trace
+        self.shown_key = key
+        self.state.param.update(status="done")
+        self._draw(outcome.trace)
+        self._start_sweep(key)
+
+    def _draw(self, trace: Trace) -> None:
+        summary = summarize(trace, self.state.slo())
+        probe = analytic.probe(self.shelf.device.type)
+        self.banner.update(trace.device, trace.model, probe)
+        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map):
+            plot.show(trace, summary, self.state.slo())
+        self.summary.show(trace, summary, self.state.slo())
+        self._draw_sweep()
+        for listener in self.listeners:
+            listener(trace, summary)
+
+    def _on_slo(self, *_events) -> None:
+        if self.trace is not None:
+            self._draw(self.trace)
+
+    # -- background TPOT sweep -----------------------------------------------------------------
+    def _start_sweep(self, key: RunKey) -> None:
+        self.service.drop_background(self.session)
+        self._sweep = {}
+        for batch in SWEEP_BATCHES:
+            sk = sweep_key(key, batch)
+            if check_run(sk, self.limits) is not None:
+                continue
+            self.service.submit(self.session, sk, partial(self._run, sk),
+                                on_done=lambda o, b=batch, k=key: self._hop(self._sweep_point, k, b, o),
+                                background=True)
+        self._draw_sweep()
+
+    def _sweep_point(self, key: RunKey, batch: int, outcome: Outcome) -> None:
+        if outcome.trace is None or key != self.shown_key:
+            return
+        self._sweep[batch] = summarize(outcome.trace).tpot_ms.p50
+        self._draw_sweep()
+
+    def _draw_sweep(self) -> None:
+        key = self.shown_key
+        if key is None:
+            return
+        cfg = self.shelf.get(key.model).config
+        probe = analytic.probe(self.shelf.device.type)
+        elem = bytes_per_elem(self.shelf.device)
+        sk = sweep_key(key, key.batch)
+        floors = [(b, floor_ms(sk, b, cfg, probe, elem)) for b in SWEEP_BATCHES]
+        expected = [b for b in SWEEP_BATCHES if check_run(sweep_key(key, b), self.limits) is None]
+        points = sorted(self._sweep.items())
+        self.tpot_batch.show_sweep(points, floors, key.batch,
+                                   pending=len(points) < len(expected))
+
+    # -- queue position ------------------------------------------------------------------------
+    def _watch_queue(self) -> None:
+        self._update_queue()
+        if self._doc is not None and self._queue_cb is None and self.state.status == "queued":
+            self._queue_cb = pn.state.add_periodic_callback(self._update_queue, period=500)
+
+    def _update_queue(self) -> None:
+        position = self.service.queue_position(self.session)
+        if self.state.status == "queued":
+            self.state.queue_position = position
+        else:
+            self._stop_queue_watch()
+
+    def _stop_queue_watch(self) -> None:
+        if self._queue_cb is not None:
+            self._queue_cb.stop()
+            self._queue_cb = None
+
+    def close(self) -> None:
+        """The session ended: stop callbacks and tell the service nobody here listens."""
+        self._stop_queue_watch()
+        self.service.forget(self.session)

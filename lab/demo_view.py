@@ -1,0 +1,88 @@
+"""The demo section's layout: presets, sliders, run status, the device banner, the summary table
+and the five measured plots, each with its text equivalent."""
+from __future__ import annotations
+
+import html
+
+import panel as pn
+
+from lab.content import Content
+from lab.demo import DemoController
+from lab.sections import section_heading
+
+STATUS_TEXT = {
+    "idle": "Waiting for the first run.",
+    "queued": "Queued for the shared engine: {ahead} run(s) ahead of yours.",
+    "running": "Measuring on the engine: {steps} steps so far.",
+    "done": "Measured. Move a slider to run again.",
+    "refused": "Not run: see the notice. The plots show the last measured run.",
+    "failed": "The run failed: see the notice. The plots show the last measured run.",
+}
+
+
+def controls(demo: DemoController, content: Content) -> pn.Column:
+    """Sliders bound to LabState (they report only on release: the extension is throttled)."""
+    s = demo.state
+    sliders = [
+        pn.widgets.IntSlider.from_param(s.param.batch, name="Batch size (requests)"),
+        pn.widgets.IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
+                                        step=16),
+        pn.widgets.IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
+        pn.widgets.IntSlider.from_param(s.param.output, name="Output tokens"),
+        pn.widgets.FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10,
+                                          end=5000),
+        pn.widgets.FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1,
+                                          end=500),
+        pn.widgets.Select.from_param(s.param.model, name="Model preset"),
+    ]
+    for w in sliders:
+        w.sizing_mode = "stretch_width"
+        w.min_width = 220
+    buttons = []
+    for preset in content.presets:
+        b = pn.widgets.Button(name=preset["label"], button_type="light",
+                              description=preset["description"], css_classes=["preset-button"])
+        b.on_click(lambda _e, v=dict(preset["values"]): s.apply(v))
+        buttons.append(b)
+    return pn.Column(
+        pn.pane.Markdown("**Presets**", margin=(0, 10)),
+        pn.FlexBox(*buttons, gap="6px"),
+        pn.FlexBox(*sliders, gap="4px 16px", css_classes=["sliders"]),
+        sizing_mode="stretch_width")
+
+
+def status_line(demo: DemoController) -> pn.Row:
+    s = demo.state
+
+    def text(status, ahead, steps):
+        return STATUS_TEXT[status].format(ahead=ahead, steps=steps)
+
+    busy = pn.bind(lambda st: st in ("queued", "running"), s.param.status)
+    return pn.Row(
+        pn.indicators.LoadingSpinner(value=busy, size=20, name="", visible=busy, margin=(8, 6)),
+        pn.pane.Markdown(pn.bind(text, s.param.status, s.param.queue_position, s.param.steps_done),
+                         css_classes=["run-status"], margin=(0, 6)),
+        sizing_mode="stretch_width")
+
+
+def plot_card(title: str, plot, plot_id: str) -> pn.Column:
+    return pn.Column(pn.pane.HTML(f'<h3 id="plot-{plot_id}" class="plot-title">'
+                                  f'{html.escape(title)}</h3>', margin=(0, 10)),
+                     plot, sizing_mode="stretch_width", css_classes=["plot-card", f"plot-{plot_id}"])
+
+
+def demo_section(demo: DemoController, content: Content, compact: bool = False) -> pn.Column:
+    """The whole demo; `compact` (embed mode) drops the section heading and the intro text."""
+    parts = [] if compact else [section_heading(content, "demo"),
+                                pn.pane.Markdown(content.demo, sizing_mode="stretch_width")]
+    parts += [
+        demo.banner, controls(demo, content), status_line(demo), demo.notice, demo.summary,
+        pn.GridBox(
+            plot_card("Latency per request", demo.latency, "latency"),
+            plot_card("Step timeline", demo.timeline, "timeline"),
+            plot_card("KV memory over steps", demo.kv_memory, "kv_memory"),
+            plot_card("Page map", demo.page_map, "page_map"),
+            plot_card("TPOT against batch size", demo.tpot_batch, "tpot_batch"),
+            ncols=1 if compact else 2, sizing_mode="stretch_width", css_classes=["plot-grid"]),
+    ]
+    return pn.Column(*parts, sizing_mode="stretch_width", css_classes=["lab-section", "demo"])

@@ -1,0 +1,265 @@
+"""The one engine worker a server process shares among its browser sessions.
+
+One thread owns the device and runs one job at a time. Sessions submit jobs; each session has at
+most one job waiting, and a newer submission replaces (supersedes) it, cancelling it if it already
+runs. Sessions are served round robin, and background work (sweeps) runs only when no session's
+job waits. Finished traces are cached by configuration, so a setting anyone already ran returns at
+once, and a session asking for a run already in flight joins it instead of starting another.
+
+The service knows nothing of Panel: it calls the listener functions it is given, from the worker
+thread. The page wraps those functions so they hop onto the session's own event loop.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from engine.config import ConfigError
+from engine.llm_engine import Cancelled
+from engine.records import StepRecord, Trace
+
+log = logging.getLogger(__name__)
+
+StepFn = Callable[[StepRecord], None]
+DoneFn = Callable[["Outcome"], None]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: a trace, or a message saying why there is none."""
+
+    trace: Trace | None = None
+    error: str | None = None
+    cancelled: bool = False
+    cached: bool = False
+
+
+@dataclass
+class Listener:
+    session: str
+    on_step: StepFn | None
+    on_done: DoneFn
+
+
+@dataclass
+class Job:
+    key: object  # hashable run configuration; equal keys give equal runs
+    run: Callable[[StepFn, threading.Event], Trace]  # executes on the worker thread
+    background: bool = False
+    listeners: list[Listener] = field(default_factory=list)
+    steps: list[StepRecord] = field(default_factory=list)  # replayed to late joiners
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class EngineService:
+    """A fair, cancellable, caching job queue in front of one worker thread."""
+
+    def __init__(self, cache_size: int = 256) -> None:
+        self._cond = threading.Condition()
+        self._waiting: dict[str, Job] = {}  # session -> its one waiting job
+        self._order: deque[str] = deque()  # round robin over sessions with a waiting job
+        self._background: deque[Job] = deque()
+        self._current: Job | None = None
+        self._cache: OrderedDict[object, Trace] = OrderedDict()
+        self._cache_size = cache_size
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.runs_started = 0  # counts real engine runs, for tests and the admin view
+
+    # -- submitting ----------------------------------------------------------------------------
+    def submit(self, session: str, key: object, run: Callable[[StepFn, threading.Event], Trace],
+               on_done: DoneFn, on_step: StepFn | None = None, background: bool = False) -> None:
+        """Ask for the run `key`; `on_done` gets its Outcome (at once when cached)."""
+        listener = Listener(session, on_step, on_done)
+        with self._cond:
+            cached = self._cache.get(key)
+            if cached is not None:
+                self._cache.move_to_end(key)
+            else:
+                # A learner who changes a slider while queued keeps their place in line.
+                place = self._order.index(session) if session in self._order else None
+                if not background:
+                    self._supersede(session, keep=key)
+                job = self._find(key)
+                if job is not None:  # already queued or running: join it
+                    job.listeners = [l for l in job.listeners if l.session != session or background]
+                    job.listeners.append(listener)
+                    steps = list(job.steps)
+                    if not background and job.background:
+                        self._promote(job, session)
+                else:
+                    job = Job(key, run, background, [listener])
+                    steps = []
+                    if background:
+                        self._background.append(job)
+                    else:
+                        self._waiting[session] = job
+                        self._order.insert(len(self._order) if place is None else place, session)
+                    self._ensure_worker()
+                    self._cond.notify_all()
+        if cached is not None:
+            on_done(Outcome(trace=cached, cached=True))
+            return
+        if on_step is not None:
+            for step in steps:
+                on_step(step)
+
+    def _find(self, key: object) -> Job | None:
+        if self._current is not None and self._current.key == key and not self._current.cancel.is_set():
+            return self._current
+        for job in (*self._waiting.values(), *self._background):
+            if job.key == key:
+                return job
+        return None
+
+    def _promote(self, job: Job, session: str) -> None:
+        """A session now waits on a background job: move it into that session's turn."""
+        if job in self._background:
+            self._background.remove(job)
+            self._waiting[session] = job
+            self._order.append(session)
+
+    def _supersede(self, session: str, keep: object = None) -> None:
+        """Drop `session` from the foreground jobs it listens to (but the one for `keep`); cancel
+        jobs nobody wants any more."""
+        jobs = list(self._waiting.values())
+        if self._current is not None:
+            jobs.append(self._current)
+        for job in jobs:
+            if keep is not None and job.key == keep:
+                continue
+            kept = [l for l in job.listeners if l.session != session]
+            if len(kept) == len(job.listeners):
+                continue
+            dropped = [l for l in job.listeners if l.session == session]
+            job.listeners = kept
+            for l in dropped:
+                self._notify(l, Outcome(cancelled=True))
+            if not kept and not job.background:
+                job.cancel.set()
+                for s, waiting in list(self._waiting.items()):
+                    if waiting is job:
+                        del self._waiting[s]
+                        self._order.remove(s)
+
+    def drop_background(self, session: str) -> None:
+        """Stop listening to `session`'s queued background jobs; drop those nobody wants."""
+        with self._cond:
+            for job in self._background:
+                job.listeners = [l for l in job.listeners if l.session != session]
+            for job in [j for j in self._background if not j.listeners]:
+                self._background.remove(job)
+
+    def forget(self, session: str) -> None:
+        """A session closed: stop listening for it and cancel its unwanted work."""
+        with self._cond:
+            self._supersede(session)
+        self.drop_background(session)
+
+    def queue_position(self, session: str) -> int:
+        """0 when this session's job runs now (or it has none), else how many jobs go first."""
+        with self._cond:
+            if session not in self._order:
+                return 0
+            return list(self._order).index(session) + (self._current is not None)
+
+    def cached(self, key: object) -> Trace | None:
+        with self._cond:
+            return self._cache.get(key)
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _ensure_worker(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+            self._thread.start()
+
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while not self._stopping and not self._order and not self._background:
+                self._cond.wait(timeout=30.0)
+                if not self._order and not self._background:
+                    self._thread = None  # idle: let the thread end; a new submit restarts one
+                    return None
+            if self._stopping:
+                return None
+            if self._order:
+                session = self._order.popleft()
+                job = self._waiting.pop(session)
+            else:
+                job = self._background.popleft()
+            self._current = job
+            return job
+
+    def _work(self) -> None:
+        while (job := self._next_job()) is not None:
+            outcome = self._execute(job)
+            with self._cond:
+                self._current = None
+                if outcome.trace is not None:
+                    self._cache[job.key] = outcome.trace
+                    while len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+                listeners = list(job.listeners)
+            for listener in listeners:
+                self._notify(listener, outcome)
+
+    def _execute(self, job: Job) -> Outcome:
+        def on_step(step: StepRecord) -> None:
+            with self._cond:
+                job.steps.append(step)
+                listeners = [l for l in job.listeners if l.on_step is not None]
+            for listener in listeners:
+                try:
+                    listener.on_step(step)
+                except Exception:  # one session's broken page must not stop the run
+                    log.exception("step listener failed")
+
+        self.runs_started += 1
+        try:
+            return Outcome(trace=job.run(on_step, job.cancel))
+        except Cancelled:
+            return Outcome(cancelled=True)
+        except ConfigError as err:
+            return Outcome(error=str(err))
+        except Exception as err:  # keep serving everyone else; say what went wrong
+            log.exception("engine job failed")
+            return Outcome(error=f"the engine failed on this setting ({type(err).__name__}: {err})")
+
+    @staticmethod
+    def _notify(listener: Listener, outcome: Outcome) -> None:
+        try:
+            listener.on_done(outcome)
+        except Exception:
+            log.exception("done listener failed")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"waiting": len(self._order), "background": len(self._background),
+                    "running": int(self._current is not None), "cached": len(self._cache),
+                    "runs_started": self.runs_started,
+                    "worker_alive": int(self._thread is not None and self._thread.is_alive())}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            if self._current is not None:
+                self._current.cancel.set()
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until nothing waits or runs (for tests and scripts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = self.stats()
+            if not (s["waiting"] or s["background"] or s["running"]):
+                return True
+            time.sleep(0.02)
+        return False

@@ -1,0 +1,23 @@
+"""The objects one server process shares on purpose: the engine service, the loaded models and the
+run limits. Each is made once, by a cached factory, the first time any session asks."""
+from __future__ import annotations
+
+import functools
+
+from lab.runs import Limits, ModelShelf
+from lab.service import EngineService
+
+
+@functools.lru_cache(maxsize=1)
+def limits() -> Limits:
+    return Limits.from_env()
+
+
+@functools.lru_cache(maxsize=1)
+def service() -> EngineService:
+    return EngineService()
+
+
+@functools.lru_cache(maxsize=1)
+def shelf() -> ModelShelf:
+    return ModelShelf(limits().device)

@@ -1,0 +1,75 @@
+"""Browser tests: a real `panel serve` of the lab, driven by Playwright in Debian's chromium.
+
+The server runs on a free local port with the tiny test model limits; chromium is launched from
+/usr/bin/chromium (Playwright cannot download browsers here) with the flags this sandbox needs.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]
+ARTIFACTS = ROOT / "test-results"
+
+pytestmark = pytest.mark.browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(app: str, port: int, env: dict[str, str] | None = None,
+          extra: list[str] | None = None) -> subprocess.Popen:
+    """Start `panel serve` and wait until it answers."""
+    cmd = [sys.executable, "-m", "panel", "serve", app, "--port", str(port), "--address",
+           "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
+           "--allow-websocket-origin", f"localhost:{port}", *(extra or [])]
+    log = open(ARTIFACTS / f"server-{port}.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"panel serve exited early; see {log.name}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/liveness", timeout=1)
+            return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("panel serve did not come up within 60 s")
+
+
+@pytest.fixture(scope="session")
+def lab_url():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is not installed (make test installs Debian's chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port()
+    proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30"},
+                 extra=["--liveness"])
+    yield f"http://127.0.0.1:{port}/app"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}

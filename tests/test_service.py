@@ -1,0 +1,176 @@
+"""The shared engine service: caching, superseding, joining, fairness and failure isolation.
+
+Runs are small fakes that record their order and can be held open, so each test controls timing
+without a model; one test at the end drives the real engine through the service.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from engine.config import ConfigError
+from engine.llm_engine import Cancelled
+from engine.records import StepRecord, Trace
+from lab.service import EngineService, Outcome
+
+
+def fake_trace(tag: str) -> Trace:
+    return Trace(device="fake", model=tag, config={}, requests=[], steps=[], block_size=1,
+                 num_blocks=1, block_bytes=1, kv_bytes_capacity=1)
+
+
+def step(i: int) -> StepRecord:
+    return StepRecord(index=i, t_start=0, t_end=0, prefill_tokens=0, decode_seqs=1, running=1,
+                      waiting=0, kv_blocks_used=1, kv_bytes_used=1, waste_tokens=0)
+
+
+class Recorder:
+    """A fake run that logs its key, streams two steps, and optionally waits for a gate."""
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+        self.gates: dict[str, threading.Event] = {}
+
+    def run(self, tag: str, fail: Exception | None = None):
+        def go(on_step, cancel: threading.Event) -> Trace:
+            self.order.append(tag)
+            on_step(step(0))
+            gate = self.gates.get(tag)
+            while gate is not None and not gate.is_set():
+                if cancel.is_set():
+                    raise Cancelled()
+                time.sleep(0.005)
+            if fail is not None:
+                raise fail
+            on_step(step(1))
+            return fake_trace(tag)
+        return go
+
+
+def collect():
+    got: list[Outcome] = []
+    done = threading.Event()
+
+    def on_done(o: Outcome) -> None:
+        got.append(o)
+        done.set()
+    return got, done, on_done
+
+
+@pytest.fixture
+def service():
+    s = EngineService()
+    yield s
+    s.stop()
+
+
+def test_identical_settings_run_once_and_are_cached(service):
+    rec = Recorder()
+    got1, done1, cb1 = collect()
+    service.submit("a", "k", rec.run("k"), cb1)
+    assert done1.wait(5)
+    got2, _, cb2 = collect()
+    service.submit("b", "k", rec.run("k"), cb2)  # answered from the cache, synchronously
+    assert got2 and got2[0].cached and got2[0].trace.model == "k"
+    assert rec.order == ["k"] and service.runs_started == 1
+
+
+def test_newer_job_supersedes_older_one_of_the_same_session(service):
+    rec = Recorder()
+    rec.gates["old"] = threading.Event()
+    got_old, done_old, cb_old = collect()
+    got_new, done_new, cb_new = collect()
+    service.submit("a", "old", rec.run("old"), cb_old)
+    while rec.order != ["old"]:
+        time.sleep(0.005)
+    service.submit("a", "new", rec.run("new"), cb_new)
+    assert done_old.wait(5) and got_old[0].cancelled
+    assert done_new.wait(5) and got_new[0].trace.model == "new"
+    assert service.cached("old") is None  # a cancelled run is never cached
+
+
+def test_joining_a_run_in_flight_replays_its_steps(service):
+    rec = Recorder()
+    rec.gates["k"] = threading.Event()
+    steps_b: list[int] = []
+    got_a, done_a, cb_a = collect()
+    got_b, done_b, cb_b = collect()
+    service.submit("a", "k", rec.run("k"), cb_a)
+    while rec.order != ["k"]:
+        time.sleep(0.005)
+    service.submit("b", "k", rec.run("k"), cb_b, on_step=lambda s: steps_b.append(s.index))
+    rec.gates["k"].set()
+    assert done_a.wait(5) and done_b.wait(5)
+    assert rec.order == ["k"]  # one run served both sessions
+    assert steps_b == [0, 1]  # the step before joining was replayed
+
+
+def test_sessions_are_served_round_robin(service):
+    rec = Recorder()
+    rec.gates["blocker"] = threading.Event()
+    service.submit("x", "blocker", rec.run("blocker"), lambda o: None)
+    while rec.order != ["blocker"]:
+        time.sleep(0.005)
+    # Session a submits twice (the second replaces the first in a's place), b and c once each.
+    for session, key in (("a", "a1"), ("b", "b1"), ("a", "a2"), ("c", "c1")):
+        service.submit(session, key, rec.run(key), lambda o: None)
+    assert service.queue_position("b") >= 1
+    rec.gates["blocker"].set()
+    assert service.wait_idle(5)
+    assert rec.order == ["blocker", "a2", "b1", "c1"]
+
+
+def test_background_work_waits_for_foreground_jobs(service):
+    rec = Recorder()
+    rec.gates["blocker"] = threading.Event()
+    service.submit("x", "blocker", rec.run("blocker"), lambda o: None)
+    while rec.order != ["blocker"]:
+        time.sleep(0.005)
+    service.submit("a", "sweep", rec.run("sweep"), lambda o: None, background=True)
+    service.submit("b", "fg", rec.run("fg"), lambda o: None)
+    rec.gates["blocker"].set()
+    assert service.wait_idle(5)
+    assert rec.order == ["blocker", "fg", "sweep"]
+
+
+def test_a_failing_job_reports_and_the_worker_keeps_serving(service):
+    rec = Recorder()
+    got1, done1, cb1 = collect()
+    got2, done2, cb2 = collect()
+    got3, done3, cb3 = collect()
+    service.submit("a", "boom", rec.run("boom", RuntimeError("kernel exploded")), cb1)
+    service.submit("b", "bad", rec.run("bad", ConfigError("page size must be at least 1")), cb2)
+    service.submit("c", "fine", rec.run("fine"), cb3)
+    assert done1.wait(5) and done2.wait(5) and done3.wait(5)
+    assert "kernel exploded" in got1[0].error and got1[0].trace is None
+    assert got2[0].error == "page size must be at least 1"
+    assert got3[0].trace.model == "fine"
+
+
+def test_forgetting_a_session_cancels_its_work(service):
+    rec = Recorder()
+    rec.gates["long"] = threading.Event()
+    service.submit("a", "long", rec.run("long"), lambda o: None)
+    service.submit("a", "sw", rec.run("sw"), lambda o: None, background=True)
+    while rec.order != ["long"]:
+        time.sleep(0.005)
+    service.forget("a")
+    assert service.wait_idle(5)
+    assert rec.order == ["long"]  # cancelled mid-run, and the sweep never started
+    assert service.stats()["background"] == 0
+
+
+def test_real_engine_runs_through_the_service(service):
+    from lab.runs import ModelShelf, RunKey, execute
+    shelf = ModelShelf("cpu")
+    key = RunKey("tiny", batch=2, context=16, page=4, output=3)
+    steps: list[StepRecord] = []
+    got, done, cb = collect()
+    service.submit("a", key, lambda on_step, cancel: execute(key, shelf, on_step, cancel), cb,
+                   on_step=steps.append)
+    assert done.wait(30)
+    trace = got[0].trace
+    assert [len(r.output_ids) for r in trace.requests] == [3, 3]
+    assert len(steps) == len(trace.steps) > 0
