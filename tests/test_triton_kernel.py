@@ -13,7 +13,7 @@ import sys
 import torch
 
 if not torch.cuda.is_available():
-    # Triton decides between interpreter and compiler when a kernel is built, so this must precede it.
+    # Triton picks interpreter or compiler when a kernel is built, so this must come first.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
@@ -45,10 +45,11 @@ def make_case(batch: int, group: int, n_kv: int, d_head: int, block_size: int, m
         lens[-1] = max_len
     max_blocks = math.ceil(int(lens.max()) / block_size)
     num_blocks = batch * max_blocks + 2  # spare pages, so padding ids point at pages of no one
-    pages = torch.randperm(num_blocks, generator=gen)[:batch * max_blocks].reshape(batch, max_blocks)
+    pages = torch.randperm(num_blocks, generator=gen)[:batch * max_blocks]
+    pages = pages.reshape(batch, max_blocks)  # (B, max_blocks) shuffled physical pages
     used = (lens + block_size - 1) // block_size  # (B,) pages each sequence owns
     pad = torch.arange(max_blocks)[None, :] >= used[:, None]
-    pages = pages.masked_fill(pad, int(pages[-1, 0]))  # padding must be a valid id; the kernel ignores it
+    pages = pages.masked_fill(pad, int(pages[-1, 0]))  # padding: a valid id the kernel must skip
     # A column slice of a wider table: row stride != width, as when a runner trims its table.
     wide = torch.zeros(batch, max_blocks + 3, dtype=table_dtype)
     wide[:, 1:max_blocks + 1] = pages
@@ -83,6 +84,8 @@ CASES = [
     (3, 2, 1, 64, 3, 200, 3),
     (8, 1, 2, 16, 16, 130, 4),
     (1, 2, 1, 16, 256, 700, 5),
+    (2, 8, 1, 128, 16, 150, None),
+    (3, 3, 2, 32, 5, 77, 2),
 ]
 
 

@@ -5,19 +5,19 @@ where decode attention is bound by how fast K/V stream out of memory:
 
 * One program per (sequence, KV head, split). It loads K/V of that KV head once and serves every
   query head of its group with it (grouped-query attention), so K/V bytes are read exactly once.
-* Tokens are walked in tiles of BLOCK_N logical positions. Each position finds its page through the
-  block table (`page = table[pos // block_size]`), so any page size works (1..256, powers of two or
-  not) and a tile may straddle pages. Each row of a tile is one token's `head_dim` contiguous values,
-  loaded as one vector.
+* Tokens are walked in tiles of BLOCK_N logical positions. Each position finds its page through
+  the block table (`page = table[pos // block_size]`), so any page size works (1..256, powers of
+  two or not) and a tile may straddle pages. Each row of a tile is one token's `head_dim`
+  contiguous values, loaded as vectors (cp.async into shared memory on Hopper).
 * Softmax is online (running max and sum, fp32, base 2), so nothing of size `context` is kept.
 * Split-K (flash-decoding): when `batch * kv_heads` programs cannot fill the GPU, each sequence's
   positions are cut into `num_splits` chunks that run in parallel; a second small kernel merges the
   partial results by their log-sum-exp.
 
-The module imports without triton (then `available()` is False). The kernels are plain functions that
-are handed to `triton.jit` on first use, not at import: `triton.jit` picks the interpreter or the
-compiler from TRITON_INTERPRET when it is called, and deferring the choice means the import order of
-this module and the environment variable does not matter.
+The module imports without triton (then `available()` is False). The kernels are plain functions
+handed to `triton.jit` on first use, not at import: `triton.jit` picks the interpreter or the
+compiler from TRITON_INTERPRET when it is called, and deferring that call means the order in which
+this module is imported and the variable is set does not matter.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (launch share, merge t
 class TileConfig:
     """Launch shape of the decode kernel; the default suits head_dim 128 in bf16 on Hopper."""
 
-    block_n: int = 64  # tokens per tile: 64 x 128 x 2 B = 16 KB of K per step; tensor-core dots need >= 16
-    num_warps: int = 4  # one KV head's tile is small; more warps would mostly wait on the same loads
-    num_stages: int = 2  # tiles prefetched through shared memory (cp.async) while the last one computes
+    block_n: int = 64  # tokens per tile: 64 x 128 x 2 B = 16 KB of K per step; dots need >= 16
+    num_warps: int = 4  # one KV head's tile is small; more warps would wait on the same loads
+    num_stages: int = 2  # tiles prefetched into shared memory while the previous one computes
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -112,15 +112,17 @@ def _paged_decode_kernel(
         slot = pos % block_size
         row_ok = pos_ok[:, None] & d_ok[None, :]
         k_rows = page * stride_kb + slot * stride_ks + kv_head * stride_kh  # (BLOCK_N,)
-        k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=row_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        k = tl.load(k_ptr + k_rows[:, None] + d[None, :], mask=row_ok,
+                    other=0.0)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # (BLOCK_G, BLOCK_N)
         s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one valid position
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds a valid position
         alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
         p = tl.exp2(s - m_new[:, None])  # (BLOCK_G, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-        v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=row_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + v_rows[:, None] + d[None, :], mask=row_ok,
+                    other=0.0)  # (BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -152,8 +154,9 @@ def _merge_splits_kernel(
     lse = tl.load(lse_ptr + seq * stride_lb + head * stride_lh + s, mask=s_ok,
                   other=float("-inf"))  # (BLOCK_S,)
     w = tl.exp2(lse - tl.max(lse, 0))  # split 0 always holds position 0, so the max is finite
-    part = tl.load(part_ptr + seq * stride_pb + head * stride_ph + s[:, None] * stride_ps + d[None, :],
-                   mask=s_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_S, BLOCK_D)
+    part_rows = part_ptr + seq * stride_pb + head * stride_ph + s * stride_ps  # (BLOCK_S,)
+    part = tl.load(part_rows[:, None] + d[None, :], mask=s_ok[:, None] & (d[None, :] < HEAD_DIM),
+                   other=0.0)  # (BLOCK_S, BLOCK_D)
     o = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)  # (BLOCK_D,)
     tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
              mask=d < HEAD_DIM)
@@ -172,14 +175,26 @@ def _sm_count(device_index: int) -> int:
 
 
 def default_num_splits(batch: int, n_kv: int, max_len: int, device: torch.device) -> int:
-    """Splits per sequence so that about two programs per SM run; 1 off CUDA or when already full."""
+    """Splits per sequence so about two programs run per SM; 1 off CUDA or when already full."""
     if device.type != "cuda":
         return 1  # the interpreter runs programs one after another: splitting only adds work
     programs = batch * n_kv
-    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = 2 * _sm_count(index)
     if programs >= target:
         return 1
-    return max(1, min(math.ceil(target / programs), math.ceil(max_len / MIN_SPLIT_TOKENS), MAX_SPLITS))
+    by_length = math.ceil(max_len / MIN_SPLIT_TOKENS)
+    return max(1, min(math.ceil(target / programs), by_length, MAX_SPLITS))
+
+
+def split_plan(batch: int, n_kv: int, max_len: int, device: torch.device,
+               num_splits: int | None = None, tile: TileConfig = TileConfig()) -> tuple[int, int]:
+    """(splits, tokens per split) the kernel will use: whole tiles per chunk, no empty last one."""
+    splits = num_splits or default_num_splits(batch, n_kv, max_len, device)
+    splits = max(1, min(splits, MAX_SPLITS, math.ceil(max_len / tile.block_n)))
+    # Chunks are whole tiles, so only a sequence's last tile is ever partial.
+    chunk = math.ceil(math.ceil(max_len / splits) / tile.block_n) * tile.block_n
+    return math.ceil(max_len / chunk), chunk
 
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -199,8 +214,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     batch, n_heads, d_head = q.shape
     _, block_size, n_kv, d_cache = k_cache.shape
     if d_cache != d_head or v_cache.shape != k_cache.shape:
-        raise ValueError(f"cache shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not fit q "
-                         f"{tuple(q.shape)}")
+        raise ValueError(f"cache shapes {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not "
+                         f"fit q {tuple(q.shape)}")
     if n_heads % n_kv:
         raise ValueError(f"{n_heads} query heads do not split into groups of {n_kv} KV heads")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
@@ -209,19 +224,16 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         raise ValueError("the caches' head_dim must be contiguous")
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = n_heads // n_kv
-    max_len = block_tables.shape[1] * block_size
-    splits = num_splits or default_num_splits(batch, n_kv, max_len, q.device)
-    splits = max(1, min(splits, MAX_SPLITS, math.ceil(max_len / tile.block_n)))
-    # Chunks are whole tiles, so only a sequence's last tile is ever partial.
-    chunk = math.ceil(math.ceil(max_len / splits) / tile.block_n) * tile.block_n
-    splits = math.ceil(max_len / chunk)
+    # The table's width bounds every length without reading context_lens back from the device.
+    splits, chunk = split_plan(batch, n_kv, block_tables.shape[1] * block_size, q.device,
+                               num_splits, tile)
 
     decode, merge = _kernels(_interpreting())
     out = torch.empty_like(q, memory_format=torch.contiguous_format)  # (B, Hq, D)
     block_d = max(16, triton.next_power_of_2(d_head))
     common = dict(GROUP=group, HEAD_DIM=d_head, BLOCK_G=max(16, triton.next_power_of_2(group)),
                   BLOCK_D=block_d, BLOCK_N=tile.block_n,
-                  # fp32 dots would otherwise use TF32 on tensor cores and miss the reference by ~1e-3
+                  # fp32 dots would otherwise run in TF32 and miss the reference by ~1e-3
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   num_warps=tile.num_warps, num_stages=tile.num_stages)
     scale_log2 = scale * math.log2(math.e)  # exp(x) == exp2(x * log2 e); exp2 is the native one
