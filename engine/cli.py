@@ -32,9 +32,23 @@ def positive_int(text: str) -> int:
     return value
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line on stderr (and exit code 2), not the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see python -m engine run --help)\n")
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m engine", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="serve a synthetic workload and report serving metrics")
     run.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
     run.add_argument("--batch", type=positive_int, default=8,
@@ -44,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--page-size", type=int, default=16, help="tokens per KV block")
     run.add_argument("--policy", choices=("continuous", "static"), default="continuous")
     run.add_argument("--requests", type=positive_int, help="number of requests (default: --batch)")
-    run.add_argument("--rate", type=float, help="arrival rate in requests/s (default: all at t=0)")
-    run.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson")
-    run.add_argument("--ttft-slo", type=float, help="TTFT SLO in ms for goodput")
-    run.add_argument("--tpot-slo", type=float, help="TPOT SLO in ms for goodput")
-    run.add_argument("--kv-budget-mb", type=float, help="KV cache size in MiB (default: device)")
+    run.add_argument("--rate", type=finite_float, help="arrival rate in requests/s (default: all at t=0)")
+    run.add_argument("--burstiness", type=finite_float, default=1.0, help="gamma shape; 1 is Poisson")
+    run.add_argument("--ttft-slo", type=finite_float, help="TTFT SLO in ms for goodput")
+    run.add_argument("--tpot-slo", type=finite_float, help="TPOT SLO in ms for goodput")
+    run.add_argument("--kv-budget-mb", type=finite_float, help="KV cache size in MiB (default: device)")
     run.add_argument("--max-batched-tokens", type=positive_int, default=512,
                      help="token budget per step (caps a prefill chunk)")
     run.add_argument("--no-chunked-prefill", action="store_true",
@@ -75,10 +89,10 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, WorkloadSpec, SLO]:
 class Progress:
     """A one-line progress report on stderr, shown once a run has taken a second."""
 
-    def __init__(self, total_requests: int, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total_requests: int, stream: TextIO | None = None) -> None:
         self.total = total_requests
         self.done = 0
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.start = time.perf_counter()
         self.shown = False
 

@@ -120,6 +120,10 @@ class EngineConfig:
             raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if self.kv_budget_bytes is not None and self.kv_budget_bytes <= 0:
             raise ConfigError(f"KV budget must be positive, got {self.kv_budget_bytes} bytes")
+        # Checked here because the engine reads `max_model_len or <model maximum>`: a 0 would
+        # silently mean "no limit" and a negative value would reject every request.
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be at least 1, got {self.max_model_len}")
 
     def with_(self, **changes: Any) -> "EngineConfig":
         return replace(self, **changes)

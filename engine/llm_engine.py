@@ -69,8 +69,12 @@ class LLMEngine:
         if self.num_blocks < 1:
             raise ConfigError(f"KV budget of {budget} bytes holds no block of {self.block_bytes} "
                               "bytes; raise the budget or lower the page size")
-        self.cache = KVCache(self.model_config, self.num_blocks, config.block_size, self.dtype,
-                             self.device)
+        try:
+            self.cache = KVCache(self.model_config, self.num_blocks, config.block_size, self.dtype,
+                                 self.device)
+        except RuntimeError:  # CPU allocation failure, or CUDA OOM (a RuntimeError subclass)
+            raise ConfigError(f"cannot allocate a KV cache of {self.num_blocks * self.block_bytes} "
+                              f"bytes on {self.device.type}; lower the KV budget") from None
         self.device_name = describe_device(self.device)
         self._warm_up()
 
@@ -110,6 +114,12 @@ class LLMEngine:
     def _why_never(self, r: Request) -> str | None:
         """Why one request can never be served here, or None."""
         total = len(r.prompt_ids) + r.max_tokens
+        # An empty prompt never gets a chunk and blocked the queue head forever (the loop then
+        # raised "made no progress"); zero max_tokens still produced one token.
+        if not r.prompt_ids:
+            return "the prompt is empty"
+        if r.max_tokens < 1:
+            return f"max_tokens must be at least 1, got {r.max_tokens}"
         if total > self.max_len:
             return f"{total} tokens is past the model's maximum of {self.max_len}"
         if blocks_for(total, self.config.block_size) > self.num_blocks:
@@ -129,6 +139,8 @@ class LLMEngine:
                     if isinstance(workload, WorkloadSpec) else list(workload))
         if not requests:
             raise ConfigError("the workload holds no requests")
+        if len({r.id for r in requests}) < len(requests):  # block tables are keyed by request id
+            raise ConfigError("request ids must be unique")
         self.check(requests)
         cfg = self.config
         blocks = BlockManager(self.num_blocks, cfg.block_size)

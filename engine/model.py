@@ -125,10 +125,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.d_head, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=False)
         self.scale = self.d_head ** -0.5
-        self.qkv_weight: torch.Tensor | None = None  # set by fuse()
+        self.fuse(transposed=False)
 
     def fuse(self, transposed: bool) -> None:
-        self.qkv_weight = fuse_linears([self.q_proj, self.k_proj, self.v_proj], transposed)
+        # A non-persistent buffer: moved by .to() with the module, absent from state_dict.
+        self.register_buffer("qkv_weight", fuse_linears(
+            [self.q_proj, self.k_proj, self.v_proj], transposed), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -180,10 +182,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by fuse()
+        self.fuse(transposed=False)
 
     def fuse(self, transposed: bool) -> None:
-        self.gate_up_weight = fuse_linears([self.gate_proj, self.up_proj], transposed)
+        self.register_buffer("gate_up_weight", fuse_linears(
+            [self.gate_proj, self.up_proj], transposed), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # (N, F) each

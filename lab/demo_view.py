@@ -35,9 +35,9 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
                                           end=500),
         pn.widgets.Select.from_param(s.param.model, name="Model preset"),
     ]
-    for w in sliders:
+    for w in sliders:  # two columns on a wide screen, one on a phone
         w.sizing_mode = "stretch_width"
-        w.min_width = 220
+        w.styles = {"flex": "1 1 320px"}
     buttons = []
     for preset in content.presets:
         b = pn.widgets.Button(name=preset["label"], button_type="light",
@@ -68,7 +68,8 @@ def status_line(demo: DemoController) -> pn.Row:
 def plot_card(title: str, plot, plot_id: str) -> pn.Column:
     return pn.Column(pn.pane.HTML(f'<h3 id="plot-{plot_id}" class="plot-title">'
                                   f'{html.escape(title)}</h3>', margin=(0, 10)),
-                     plot, sizing_mode="stretch_width", css_classes=["plot-card", f"plot-{plot_id}"])
+                     plot, sizing_mode="stretch_width", styles={"flex": "1 1 480px"},
+                     css_classes=["plot-card", f"plot-{plot_id}"])
 
 
 def demo_section(demo: DemoController, content: Content, compact: bool = False) -> pn.Column:
@@ -77,12 +78,12 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
                                 pn.pane.Markdown(content.demo, sizing_mode="stretch_width")]
     parts += [
         demo.banner, controls(demo, content), status_line(demo), demo.notice, demo.summary,
-        pn.GridBox(
+        pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
             plot_card("Latency per request", demo.latency, "latency"),
             plot_card("Step timeline", demo.timeline, "timeline"),
             plot_card("KV memory over steps", demo.kv_memory, "kv_memory"),
             plot_card("Page map", demo.page_map, "page_map"),
             plot_card("TPOT against batch size", demo.tpot_batch, "tpot_batch"),
-            ncols=1 if compact else 2, sizing_mode="stretch_width", css_classes=["plot-grid"]),
+            gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),
     ]
     return pn.Column(*parts, sizing_mode="stretch_width", css_classes=["lab-section", "demo"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import inspect
+import re
 from pathlib import Path
 
 import panel as pn
@@ -20,6 +21,21 @@ SHOWN_FUNCTIONS = (analytic.kv_bytes, analytic.kv_gb, analytic.waste_tokens,
 # The reference model of the math section: 80 layers, 8 KV heads, d_head 128, fp16.
 REFERENCE = {"layers": 80, "h_kv": 8, "d_head": 128, "bytes_per_elem": 2}
 CSS = Path(__file__).with_name("lab.css").read_text()
+
+
+GREEK = {r"\tau": "τ", r"\beta": "β", r"\lambda": "λ", r"\cdot": "·"}
+
+
+def symbol_html(latex: str) -> str:
+    """A table-cell rendering of a one-symbol LaTeX snippet (KaTeX panes are too heavy per cell):
+    roman text unwrapped, Greek letters as characters, subscripts as <sub>."""
+    text = html.escape(latex)
+    for macro, char in GREEK.items():
+        text = text.replace(macro, char)
+    text = re.sub(r"\\(?:mathrm|text|operatorname)\{([^{}]*)\}", r"\1", text)
+    text = re.sub(r"_\{([^{}]*)\}", r"<sub>\1</sub>", text)
+    text = re.sub(r"_(\w)", r"<sub>\1</sub>", text)
+    return f'<span class="symbol">{text}</span>'
 
 
 def html_pane(markup: str, **kwargs) -> pn.pane.HTML:
@@ -78,15 +94,16 @@ def intuition(content: Content) -> pn.Column:
 def math_section(content: Content) -> pn.Column:
     blocks = [section_heading(content, "math")]
     for f in content.math:
-        symbols = "\n".join(f"| ${s['symbol']}$ | {s['meaning']} | `{s['code_name']}` |"
-                            for s in f["symbols"])
+        rows = "".join(f"<tr><td>{symbol_html(s['symbol'])}</td><td>{html.escape(s['meaning'])}"
+                       f"</td><td><code>{html.escape(s['code_name'])}</code></td></tr>"
+                       for s in f["symbols"])
         blocks += [
             pn.pane.Markdown(f"### {f['title']}", sizing_mode="stretch_width"),
             pn.pane.LaTeX(f"$${f['latex']}$$", renderer="katex", sizing_mode="stretch_width",
                           css_classes=["formula"], styles={"font-size": "1.25em"}),
             pn.pane.Markdown(f["explanation"], sizing_mode="stretch_width"),
-            pn.pane.Markdown("| symbol | meaning | in the code |\n|---|---|---|\n" + symbols,
-                             sizing_mode="stretch_width", css_classes=["symbols"]),
+            html_pane('<table class="symbols"><thead><tr><th>symbol</th><th>meaning</th>'
+                      f"<th>in the code</th></tr></thead><tbody>{rows}</tbody></table>"),
         ]
     return pn.Column(*blocks, sizing_mode="stretch_width", css_classes=["lab-section"])
 

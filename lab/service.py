@@ -198,7 +198,6 @@ class EngineService:
         while (job := self._next_job()) is not None:
             outcome = self._execute(job)
             with self._cond:
-                self._current = None
                 if outcome.trace is not None:
                     self._cache[job.key] = outcome.trace
                     while len(self._cache) > self._cache_size:
@@ -206,6 +205,8 @@ class EngineService:
                 listeners = list(job.listeners)
             for listener in listeners:
                 self._notify(listener, outcome)
+            with self._cond:  # only now idle: wait_idle() then also covers the notifications
+                self._current = None
 
     def _execute(self, job: Job) -> Outcome:
         def on_step(step: StepRecord) -> None:

@@ -1,0 +1,89 @@
+"""The page's state objects without a browser: LabState, run checks, and the demo controller
+driving the real engine through the shared service."""
+from __future__ import annotations
+
+import pytest
+
+from engine.metrics import summarize
+from lab.demo import DemoController
+from lab.runs import Limits, ModelShelf, RunKey, check_run, kv_need_bytes
+from lab.service import EngineService
+from lab.state import LabState
+from engine.config import PRESETS
+
+
+def test_apply_clamps_out_of_range_and_drops_malformed_values():
+    s = LabState()
+    notes = s.apply({"batch": "500", "context": "abc", "page": "0", "model": "gpt-9",
+                     "tpot_slo": "nan", "unknown": "1"})
+    assert s.batch == 64 and s.page == 1
+    assert s.context == 128 and s.model == "cpu-8m" and s.tpot_slo == 50.0
+    assert len(notes) == 5
+    assert any("batch=500" in n and "64" in n for n in notes)
+    assert any("context='abc'" in n for n in notes)
+
+
+def test_apply_accepts_good_values_silently():
+    s = LabState()
+    assert s.apply({"batch": "4", "context": "256", "ttft_slo": "250.5"}) == []
+    assert (s.batch, s.context, s.ttft_slo) == (4, 256, 250.5)
+
+
+def test_kv_need_beyond_budget_is_refused_before_running():
+    key = RunKey("cpu-8m", batch=64, context=8000, page=16, output=64)
+    need = kv_need_bytes(key, PRESETS["cpu-8m"], 4)
+    why = check_run(key, Limits(kv_budget_bytes=need - 1, max_run_s=1e9, device="cpu"))
+    assert why is not None and "KV cache" in why and "budget" in why
+
+
+def test_context_past_the_model_maximum_is_refused():
+    why = check_run(RunKey("cpu-8m", 1, 8192, 16, 512), Limits(device="cpu"))
+    assert why is not None and "maximum" in why
+
+
+def test_runs_too_long_for_a_shared_device_are_refused():
+    key = RunKey("cpu-30m", batch=64, context=4096, page=16, output=64)
+    why = check_run(key, Limits(kv_budget_bytes=2**40, max_run_s=5, device="cpu"))
+    assert why is not None and "shared device" in why
+
+
+def test_a_small_run_is_allowed():
+    assert check_run(RunKey("cpu-8m", 2, 32, 16, 8), Limits(device="cpu")) is None
+
+
+@pytest.fixture(scope="module")
+def controller():
+    service = EngineService()
+    demo = DemoController(LabState(batch=2, context=32, output=6, page=16), service,
+                          ModelShelf("cpu"), Limits(device="cpu"))
+    yield demo
+    service.stop()
+
+
+def test_controller_measures_and_fills_the_summary(controller):
+    controller.start()
+    assert controller.service.wait_idle(60)
+    trace = controller.trace
+    assert trace is not None and controller.state.status == "done"
+    assert [len(r.output_ids) for r in trace.requests] == [6, 6]
+    rows = controller.summary.values
+    assert float(rows["TPOT p50 (ms)"]) > 0 and float(rows["KV GB (measured)"]) > 0
+
+
+def test_bad_setting_keeps_last_results_and_shows_a_notice(controller):
+    before = controller.trace
+    controller.state.apply({"context": 8192, "output": 512})
+    assert controller.state.status == "refused"
+    assert "maximum" in controller.state.notice
+    assert controller.trace is before
+    controller.state.apply({"context": 32, "output": 6})
+
+
+def test_changing_an_slo_rejudges_without_rerunning(controller):
+    assert controller.service.wait_idle(60)
+    runs = controller.service.runs_started
+    controller.state.tpot_slo = 0.1  # nothing meets a 0.1 ms TPOT on a CPU
+    assert controller.service.runs_started == runs
+    summary = summarize(controller.trace, controller.state.slo())
+    assert summary.slo_attainment == 0.0
+    assert float(controller.summary.value("Goodput (req/s)")) == 0.0

@@ -1,0 +1,257 @@
+"""Widgets drive without a browser: they build, reset, stream and draw a real tiny run's trace,
+and their text equivalents carry the numbers the engine measured."""
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+
+import panel as pn
+import pytest
+from bokeh.document import Document
+from bokeh.models import ColumnDataSource
+from bokeh.plotting import figure
+
+from engine.analytic import DeviceProbe, kv_bytes, waste_tokens
+from engine.config import SLO, EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.metrics import summarize
+from engine.records import PageSnapshot
+from engine.workload import WorkloadSpec
+from widgets.device_banner import DeviceBanner
+from widgets.kv_memory_plot import KVMemoryPlot
+from widgets.latency_plot import LatencyPlot
+from widgets.notice import Notice
+from widgets.page_map import COLS, MAX_CELLS, PageMap, page_grid
+from widgets.style import WAITING, RunInfo, fmt_bytes, fmt_num
+from widgets.summary_table import CORE_ROWS, DASH, SummaryTable, summary_values
+from widgets.timeline_plot import TimelinePlot
+from widgets.tpot_batch_plot import TPOTBatchPlot
+
+PLOTS = (LatencyPlot, TimelinePlot, KVMemoryPlot, PageMap, TPOTBatchPlot)
+STREAMING = (TimelinePlot, KVMemoryPlot)
+
+
+@pytest.fixture(scope="module")
+def run():
+    """One real run of the tiny model: trace, summary, SLO and run info."""
+    eng = LLMEngine(EngineConfig(model="tiny", block_size=16, max_num_seqs=8,
+                                 max_num_batched_tokens=256))
+    trace = eng.run(WorkloadSpec(num_requests=6, prompt_len=40, output_len=12),
+                    on_step=lambda s: None)
+    slo = SLO(ttft_ms=50, tpot_ms=5)
+    return trace, summarize(trace, slo), slo, RunInfo.from_trace(trace)
+
+
+def sig_digits(s: str) -> int:
+    """Significant digits written in a fixed-notation number (integers count to the units)."""
+    return len(s.replace("-", "").replace(".", "").lstrip("0"))
+
+
+def figures(component) -> list[figure]:
+    return [v for v in vars(component).values() if isinstance(v, figure)]
+
+
+class Rows(HTMLParser):
+    """Row header -> cell text of an HTML table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, str] = {}
+        self._tag, self._label = None, None
+
+    def handle_starttag(self, tag, attrs):
+        self._tag = tag
+
+    def handle_data(self, data):
+        if self._tag == "th":
+            self._label = data
+        elif self._tag == "td" and self._label is not None:
+            self.rows[self._label] = data
+            self._label = None
+
+
+def table_rows(html: str) -> dict[str, str]:
+    parser = Rows()
+    parser.feed(html)
+    return parser.rows
+
+
+def test_fmt_num_keeps_three_significant_digits():
+    assert sig_digits("580") == 3 and sig_digits("0.00393") == 3 and sig_digits("9.53") == 3
+    assert fmt_num(0.00393) == "0.00393"
+    assert fmt_num(0.000196608) == "0.000197"
+    assert fmt_num(571.0034) == "571"
+    assert fmt_num(2.0) == "2.00"
+    assert fmt_num(0.0) == "0.00"
+    assert fmt_num(12) == "12" and fmt_num(123456.7) == "123457"
+    assert "e" not in fmt_num(1e-4) and "e" in fmt_num(5e-5)
+    assert fmt_bytes(196608) == "0.197 MB" and fmt_bytes(10.74e9) == "10.7 GB"
+
+
+@pytest.mark.parametrize("cls", PLOTS)
+def test_plot_builds_with_text_pane_and_themeable_figures(cls):
+    c = cls()
+    layout = c.__panel__()
+    assert isinstance(layout, pn.Column) and c.text_pane in layout.objects
+    assert c.name == c.plot_id and f"{c.plot_id}-text" in c.text_pane.css_classes
+    assert c.text == WAITING and c.text_pane.object == WAITING
+    for fig in figures(c):
+        assert fig.sizing_mode == "stretch_width" and fig.height <= 320
+        assert "background_fill_color" not in fig.properties_with_values(include_defaults=False)
+        assert any(type(t).__name__ == "HoverTool" for t in fig.tools)
+    pn.panel(layout).get_root(Document())  # the Bokeh models build
+
+
+@pytest.mark.parametrize("cls", PLOTS)
+def test_show_then_reset_clears(cls, run):
+    trace, summary, slo, _ = run
+    c = cls()
+    c.show(trace, summary, slo)
+    assert c.text != WAITING and c.text_pane.object == c.text
+    c.reset()
+    assert c.text == WAITING
+    for source in (v for v in vars(c).values() if hasattr(v, "stream")):
+        assert all(len(col) == 0 for col in source.data.values())
+
+
+@pytest.mark.parametrize("cls", STREAMING)
+def test_streaming_in_chunks_matches_show(cls, run, monkeypatch):
+    trace, summary, slo, info = run
+    streamed, shown, other = cls(), cls(), cls()
+    calls = []
+    original = ColumnDataSource.stream
+
+    def spy(source, data, *args, **kwargs):
+        calls.append(source)
+        return original(source, data, *args, **kwargs)
+
+    monkeypatch.setattr(ColumnDataSource, "stream", spy)
+    for i in range(0, len(trace.steps), 5):
+        streamed.add_steps(trace.steps[i:i + 5], info)
+    streamed.add_steps([], info)
+    assert calls == [streamed.source] * math.ceil(len(trace.steps) / 5)
+    assert len(streamed.source.data["step"]) == len(trace.steps)
+    assert other.source.data["step"] == []  # no column lists shared between instances
+    shown.show(trace, summary, slo)
+    assert streamed.text == shown.text
+    for key, column in shown.source.data.items():
+        assert [x if x == x else None for x in streamed.source.data[key]] == \
+            [x if x == x else None for x in column], key
+
+
+def test_latency_plot_counts_and_colours_by_slo(run):
+    trace, summary, slo, _ = run
+    c = LatencyPlot()
+    c.show(trace, summary, slo)
+    good = round(summary.slo_attainment * len(trace.requests))
+    assert f"{good} of {len(trace.requests)} requests met both SLOs" in c.text
+    assert f"goodput {fmt_num(summary.goodput_rps)} req/s" in c.text
+    assert f"TTFT p50 {fmt_num(summary.ttft_ms.p50)} ms" in c.text
+    assert f"TPOT p50 {fmt_num(summary.tpot_ms.p50)} ms" in c.text
+    assert c.source.data["status"].count("met both SLOs") == good
+    assert c.ttft_span.location == 50 and c.tpot_span.location == 5
+    assert c.ttft_fig.y_range.end >= max(c.source.data["ttft_ms"] + [50])
+    loose = SLO(ttft_ms=1e6, tpot_ms=1e6)
+    c.show(trace, summarize(trace, loose), loose)
+    assert f"{len(trace.requests)} of {len(trace.requests)} requests met" in c.text
+    c.show(trace, summary, SLO())
+    assert not c.ttft_span.visible and "no targets set" in c.text
+
+
+def test_timeline_text_names_largest_step(run):
+    trace, summary, slo, _ = run
+    c = TimelinePlot()
+    c.show(trace, summary, slo)
+    big = max(trace.steps, key=lambda s: s.duration_s)
+    assert f"{len(trace.steps)} engine steps" in c.text
+    assert f"#{big.index} took {fmt_num(big.duration_s * 1e3)} ms with {big.prefill_tokens}" \
+        in c.text
+    assert "Median decode-only step" in c.text
+
+
+def test_kv_memory_measured_and_formula(run):
+    trace, summary, slo, info = run
+    c = KVMemoryPlot()
+    c.show(trace, summary, slo)
+    peak = max(trace.steps, key=lambda s: s.kv_bytes_used)
+    ref = kv_bytes(T=peak.tokens_stored, layers=80, h_kv=8, d_head=128)
+    assert fmt_bytes(peak.kv_bytes_used) in c.text and fmt_bytes(ref) in c.text
+    assert fmt_bytes(trace.kv_bytes_capacity) in c.text
+    assert "Measured (this model" in c.text and "reference 80-layer model" in c.text
+    i = c.source.data["step"].index(peak.index)
+    assert c.source.data["reference"][i] == pytest.approx(ref)
+    assert c.source.data["stored"][i] == pytest.approx(peak.tokens_stored * info.bytes_per_token)
+
+
+def test_page_map_waste_agrees_with_formula(run):
+    trace, summary, slo, _ = run
+    snap = trace.peak_snapshot
+    c = PageMap()
+    c.show(trace, summary, slo)
+    formula = sum(waste_tokens(t, snap.block_size) for t in snap.tokens.values())
+    assert c.waste_measured == c.waste_formula == formula
+    assert f"Measured waste: {formula} tokens" in c.text and "they agree" in c.text
+    used = sum(len(b) for b in snap.tables.values())
+    cells = c.cells.data
+    assert len(cells["block"]) % COLS == 0
+    assert len(cells["block"]) - cells["owner"].count("free") == used
+    assert len(c.waste.data["block"]) == sum(snap.waste(r) > 0 for r in snap.tables)
+    rows = table_rows(c.table.object)
+    assert rows[f"all {len(snap.tables)}"] == str(sum(snap.tokens.values()))
+
+
+def test_page_grid_caps_cells_and_sizes_overlays():
+    snap = PageSnapshot(step_index=0, block_size=16, num_blocks=5000,
+                        tables={0: [3, 4], 7: [2000]}, tokens={0: 20, 7: 16})
+    cells, waste, shown = page_grid(snap)
+    assert shown == MAX_CELLS and len(cells["block"]) == MAX_CELLS
+    assert waste["block"] == [4] and waste["width"][0] == pytest.approx(0.92 * 12 / 16)
+    assert cells["slots"][3] == "16/16" and cells["slots"][4] == "4/16"
+
+
+def test_tpot_batch_sweep_and_current_point(run):
+    trace, summary, slo, _ = run
+    c = TPOTBatchPlot()
+    c.show_sweep([(2, 2.5), (1, 2.0)], [(1, 0.5), (2, 0.6), (4, 0.8)], 2, pending=True)
+    assert c.measured.data["batch"] == [1, 2] and len(c.floor.data["batch"]) == 3
+    assert c.current.data == {"batch": [2], "tpot_ms": [2.5]}
+    assert "still running" in c.fig.title.text and "batch 1: 2.00 ms (floor 0.500 ms" in c.text
+    c.show_sweep([(1, 2.0), (2, 2.5), (4, 3.0)], [(1, 0.5), (2, 0.6), (4, 0.8)], 2, False)
+    assert "still" not in c.text and "batch 4: 3.00 ms" in c.text
+    c.show(trace, summary, slo)
+    assert c.current.data["tpot_ms"] == [summary.tpot_ms.p50]
+    assert f"Current batch 2: TPOT {fmt_num(summary.tpot_ms.p50)} ms" in c.text
+
+
+def test_summary_table_rows(run):
+    trace, summary, slo, _ = run
+    c = SummaryTable()
+    assert isinstance(c.__panel__(), pn.pane.HTML) and "summary-table" in c.html.css_classes
+    before = table_rows(c.html.object)
+    assert list(before) == list(CORE_ROWS) and set(before.values()) == {DASH}
+    c.show(trace, summary, slo)
+    rows = table_rows(c.html.object)
+    assert rows == summary_values(summary) and set(CORE_ROWS) <= set(rows)
+    assert rows["TTFT p50 (ms)"] == fmt_num(summary.ttft_ms.p50)
+    assert float(rows["KV GB (measured)"]) == pytest.approx(summary.kv_bytes_peak / 1e9, rel=5e-3)
+    assert rows["Waste tokens (measured)"] == str(summary.waste_tokens_peak)
+    for label in ("TTFT p50 (ms)", "TPOT p50 (ms)", "KV GB (measured)"):
+        assert sig_digits(rows[label]) >= 3 and "e" not in rows[label]
+    c.reset()
+    assert c.stale and "updating" in c.html.object and table_rows(c.html.object) == rows
+
+
+def test_device_banner_and_notice():
+    b = DeviceBanner()
+    b.update("CPU: 2 threads", "tiny", DeviceProbe("CPU: 2 threads", 12.345, 0.1234))
+    assert re.search(r"Measured on CPU: 2 threads.*tiny.*12\.3 GB/s.*0\.123 TFLOP/s", b.text)
+    assert b.pane.object == b.text
+    n = Notice()
+    assert not n.alert.visible
+    n.show("KV budget too small <b>", "danger")
+    assert n.alert.visible and n.alert.alert_type == "danger" and "<b>" not in n.alert.object
+    n.clear()
+    assert not n.alert.visible
+    with pytest.raises(ValueError):
+        n.show("x", "loud")
