@@ -46,7 +46,7 @@ class DeviceProbe:
     """What the device can do at best, measured once: read bandwidth and matmul throughput."""
 
     device: str
-    bandwidth_gbs: float  # GB/s streamed by a large copy (bytes read + written)
+    bandwidth_gbs: float  # GB/s read by a large reduction (decode's traffic is reads)
     matmul_tflops: float  # dense matmul in the engine's dtype
 
     @property
@@ -78,11 +78,12 @@ def probe(device_type: str = "cpu") -> DeviceProbe:
     device = torch.device(device_type)
     cuda = device.type == "cuda"
     n_bytes = (1 << 30) if cuda else (256 << 20)  # far beyond any cache level
+    # Decode streams weights and KV in and writes almost nothing back, so the roofline's
+    # bandwidth is the read rate: bytes of a large buffer reduced per second.
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t_copy = _best_time(lambda: dst.copy_(src), device, repeats=5)
-    bandwidth = 2 * n_bytes / t_copy / 1e9  # a copy reads and writes every byte
-    del src, dst
+    t_read = _best_time(lambda: src.sum(), device, repeats=5)
+    bandwidth = n_bytes / t_read / 1e9
+    del src
     dtype = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, dtype=dtype, device=device)

@@ -7,6 +7,7 @@ of `block_size` slots; `block_tables[b]` lists the physical pages of sequence b 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -21,18 +22,16 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     batch, n_heads, d_head = q.shape
     block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
     group = n_heads // n_kv
-    max_blocks = block_tables.shape[1]
-    max_len = max_blocks * block_size
-    k = k_cache[block_tables].reshape(batch, max_len, n_kv, d_head)  # (B, S, Hkv, D)
-    v = v_cache[block_tables].reshape(batch, max_len, n_kv, d_head)
-    qg = q.reshape(batch, n_kv, group, d_head)  # (B, Hkv, G, D)
-    scores = torch.einsum("bhgd,bshd->bhgs", qg.float(), k.float()) * scale  # (B, Hkv, G, S)
-    pos = torch.arange(max_len, device=q.device)
-    mask = pos[None, :] >= context_lens[:, None].to(pos.dtype)  # (B, S) true where empty
-    scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgs,bshd->bhgd", probs, v.float())  # (B, Hkv, G, D)
-    return out.reshape(batch, n_heads, d_head).to(q.dtype)
+    max_len = block_tables.shape[1] * block_size
+    k = k_cache[block_tables].view(batch, max_len, n_kv, d_head).transpose(1, 2)  # (B, Hkv, S, D)
+    v = v_cache[block_tables].view(batch, max_len, n_kv, d_head).transpose(1, 2)
+    # The group's query heads play the part of query positions: one fused attention call, no
+    # repeated K/V for grouped-query attention.
+    qg = q.view(batch, n_kv, group, d_head)  # (B, Hkv, G, D)
+    visible = torch.arange(max_len, device=q.device) < context_lens[:, None]  # (B, S)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=visible[:, None, None, :],
+                                         scale=scale)  # (B, Hkv, G, D)
+    return out.reshape(batch, n_heads, d_head)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
