@@ -10,12 +10,9 @@ from lab import shared
 from lab.page import build_page
 
 if pn.state.served:
-    theme = "dark" if pn.state.session_args.get("theme", [b""])[0] == b"dark" else "default"
-    pn.extension("katex", throttled=True, theme=theme, design="native",
-                 notifications=False)
-    page = build_page(
-        service=shared.service(), shelf=shared.shelf(), limits=shared.limits(),
-        query={k: v[0].decode("utf-8", "replace") for k, v in pn.state.session_args.items() if v},
-        links={"prerequisite": os.environ.get("LAB_PREREQ_URL", ""),
-               "next": os.environ.get("LAB_NEXT_URL", "")})
-    page.servable(title="LLM Serving at Scale · Serving Lab")
+    pn.extension("katex", throttled=True, notifications=False)
+    query = {k: v[0].decode("utf-8", "replace") for k, v in pn.state.session_args.items() if v}
+    build_page(service=shared.service(), shelf=shared.shelf(), limits=shared.limits(),
+               query=query,
+               links={"prerequisite": os.environ.get("LAB_PREREQ_URL", ""),
+                      "next": os.environ.get("LAB_NEXT_URL", "")}).servable()

@@ -46,6 +46,7 @@ class DemoController:
         self.session = uuid.uuid4().hex
         self.banner = DeviceBanner()
         self.notice = Notice()
+        self.link_notice = Notice()  # what a shared link's bad values were turned into
         self.summary = SummaryTable()
         self.latency = LatencyPlot()
         self.timeline = TimelinePlot()

@@ -44,9 +44,15 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
                               description=preset["description"], css_classes=["preset-button"])
         b.on_click(lambda _e, v=dict(preset["values"]): s.apply(v))
         buttons.append(b)
+    copy = pn.widgets.Button(name="Copy link to these settings", button_type="primary",
+                             button_style="outline", css_classes=["copy-link"])
+    copy.js_on_click(code="""
+        navigator.clipboard.writeText(window.location.href).then(
+          () => { cb.label = 'Link copied'; setTimeout(() => { cb.label = 'Copy link to these settings'; }, 2000); },
+          () => { cb.label = 'Copy failed: use the address bar'; });""", args={"cb": copy})
     return pn.Column(
         pn.pane.Markdown("**Presets**", margin=(0, 10)),
-        pn.FlexBox(*buttons, gap="6px"),
+        pn.FlexBox(*buttons, copy, gap="6px"),
         pn.FlexBox(*sliders, gap="4px 16px", css_classes=["sliders"]),
         sizing_mode="stretch_width")
 
@@ -77,7 +83,8 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
     parts = [] if compact else [section_heading(content, "demo"),
                                 pn.pane.Markdown(content.demo, sizing_mode="stretch_width")]
     parts += [
-        demo.banner, controls(demo, content), status_line(demo), demo.notice, demo.summary,
+        demo.banner, demo.link_notice, controls(demo, content), status_line(demo), demo.notice,
+        demo.summary,
         pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
             plot_card("Latency per request", demo.latency, "latency"),
             plot_card("Step timeline", demo.timeline, "timeline"),

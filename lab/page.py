@@ -19,26 +19,49 @@ from lab.state import LabState
 MAX_WIDTH = 1180  # a comfortable reading width on a projector; narrower screens fill the width
 
 
+URL_KEYS = ("batch", "context", "page", "output", "ttft_slo", "tpot_slo", "model")
+EMBED_CSS = "#header { display: none !important; } #main { padding-top: 0 !important; }"
+
+
 def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
                query: dict[str, str] | None = None,
-               links: dict[str, str] | None = None) -> pn.viewable.Viewable:
+               links: dict[str, str] | None = None) -> pn.template.BootstrapTemplate:
+    """One session's page: the reading sections and the demo (or, with ?embed=demo, the demo
+    alone), in a template whose light or dark theme also styles the Bokeh plots."""
     query = query or {}
     content = load_content()
-    theme = "dark" if query.get("theme") == "dark" else "light"
+    theme = "dark" if query.get("theme") == "dark" else "default"
+    embed = query.get("embed") == "demo"
     state = LabState()
+    notes = state.apply({k: v for k, v in query.items() if k in URL_KEYS})
     demo = DemoController(state, service, shelf, limits)
-    if pn.state.curdoc is not None:
+    if notes:
+        demo.link_notice.show("This link's settings were adjusted: " + "; ".join(notes) + ".")
+    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
         demo.bind_document(pn.state.curdoc)
         pn.state.on_session_destroyed(lambda _ctx: demo.close())
         pn.state.onload(demo.start)
-    if query.get("embed") == "demo":
+        keep_url_in_sync(state)
+    if embed:
         body = [demo_section(demo, content, compact=True)]
     else:
         body = [sections.header(content, links or {}, theme), sections.structure(content),
                 sections.intuition(content), sections.math_section(content),
                 sections.code_section(content, state), demo_section(demo, content)]
     page = pn.Column(*body, sizing_mode="stretch_width", max_width=MAX_WIDTH,
-                     styles={"margin": "0 auto", "padding": "0 12px"}, stylesheets=[sections.CSS],
-                     css_classes=["lab-page", theme])
-    page.demo = demo  # tests and later panels reach the session's controller through the page
-    return page
+                     styles={"margin": "0 auto"}, stylesheets=[sections.CSS],
+                     css_classes=["lab-page"])
+    template = pn.template.BootstrapTemplate(
+        title=content.page["breadcrumb"] + " · Serving Lab", theme=theme, main=[page],
+        main_max_width=f"{MAX_WIDTH + 40}px", collapsed_sidebar=True)
+    if embed:
+        template.config.raw_css.append(EMBED_CSS)
+    template.demo = demo  # tests and later panels reach the session's controller here
+    return template
+
+
+def keep_url_in_sync(state: LabState) -> None:
+    """Write the controls into the address bar as they change, so the URL is a shareable link."""
+    def push(*_events) -> None:
+        pn.state.location.update_query(**{k: state.values()[k] for k in URL_KEYS})
+    state.param.watch(push, list(URL_KEYS))

@@ -45,7 +45,7 @@ def html_pane(markup: str, **kwargs) -> pn.pane.HTML:
 
 def section_heading(content: Content, section_id: str) -> pn.pane.HTML:
     s = content.section(section_id)
-    number = f'<span class="section-number">{html.escape(s["number"])}</span>' if s["number"] else ""
+    number = f"<span class=\"section-number\">{html.escape(s['number'])}</span> " if s["number"] else ""
     return html_pane(
         f'<h2 id="{section_id}" class="section-heading">{number}{html.escape(s["heading"])}</h2>'
         f'<p class="section-subtitle">{html.escape(s["subtitle"])}</p>',
