@@ -24,6 +24,9 @@ DIRECTIONS = ("up_lot", "up_little", "flat", "down")
 PROMPT_FIELDS = ("object_kind", "object_label", "object_key", "question", "next_action",
                  "demo_state")
 MARKDOWN_FILES = ("intuition", "code", "demo", "storyboard")
+AFTER_PANELS = ("storyboard", "inquiry", "sources", "claims", "practice", "research")
+GATE_MESSAGES = ("idle", "placeholder", "lowered", "several", "committed", "agreed", "disagreed",
+                 "skipped", "no_result")
 
 # Required keys per yaml file. A dict lists a mapping's keys; a one-item list means "a non-empty
 # list whose items all have this shape"; None means any value that is present and not null.
@@ -60,6 +63,8 @@ SCHEMAS: dict[str, Any] = {
         "default_question": None, "evidence": [None], "resolution": [None],
         "prompt_template": None,
     },
+    "after.yaml": {"intro": None, "panels": [{"id": None, "heading": None, "intro": None}],
+                   "gate": dict.fromkeys(GATE_MESSAGES)},
 }
 
 
@@ -82,6 +87,7 @@ class Content:
     practice: tuple[Mapping[str, Any], ...]
     inquiry: Mapping[str, Any]
     research: Mapping[str, Any]
+    after: Mapping[str, Any]  # keys: intro, panels, gate (the after-the-first-pass panels)
 
     def formula(self, formula_id: str) -> Mapping[str, Any]:
         """The math block with this id."""
@@ -102,6 +108,10 @@ class Content:
     def section(self, section_id: str) -> Mapping[str, Any]:
         """The heading and subtitle of one page section."""
         return _by_key(self.page["sections"], "id", section_id, "page.yaml")
+
+    def panel(self, panel_id: str) -> Mapping[str, Any]:
+        """The heading and introduction of one after-the-first-pass panel."""
+        return _by_key(self.after["panels"], "id", panel_id, "after.yaml")
 
 
 def _by_key(items: Sequence[Mapping[str, Any]], key: str, value: str,
@@ -190,6 +200,9 @@ def _cross_check(root: Path, d: dict[str, Any]) -> None:
     if fields != set(PROMPT_FIELDS):
         raise ValueError(f"{root / 'research.yaml'}: key 'prompt_template' must use exactly the "
                          f"placeholders {', '.join(PROMPT_FIELDS)}")
+    if [p["id"] for p in d["after"]["panels"]] != list(AFTER_PANELS):
+        raise ValueError(f"{root / 'after.yaml'}: key 'panels' must list, in order, "
+                         f"{', '.join(AFTER_PANELS)}")
 
 
 def _freeze(value: Any) -> Any:
@@ -223,5 +236,6 @@ def load_content(root: Path | None = None) -> Content:
         presets=frozen["presets"]["presets"], default_preset=d["presets"]["default"],
         predictions=frozen["predictions"], sources=frozen["sources"], claims=frozen["claims"],
         practice=frozen["practice"], inquiry=frozen["inquiry"], research=frozen["research"],
+        after=frozen["after"],
         **{name: _read_markdown(root / f"{name}.md") for name in MARKDOWN_FILES},
     )

@@ -18,7 +18,7 @@ from engine import analytic
 from engine.metrics import summarize
 from engine.records import StepRecord, Trace
 from lab.runs import (SWEEP_BATCHES, Limits, ModelShelf, RunKey, bytes_per_elem, check_run,
-                      execute, floor_ms, sweep_key)
+                      execute, floor_ms, kv_need_bytes, sweep_key)
 from lab.service import EngineService, Outcome
 from lab.state import LabState
 from widgets.device_banner import DeviceBanner
@@ -47,6 +47,7 @@ class DemoController:
         self.banner = DeviceBanner()
         self.notice = Notice()
         self.link_notice = Notice()  # what a shared link's bad values were turned into
+        self.gate = None  # the prediction gate, set by the demo's layout
         self.summary = SummaryTable()
         self.latency = LatencyPlot()
         self.timeline = TimelinePlot()
@@ -133,14 +134,10 @@ class DemoController:
         elem = bytes_per_elem(self.shelf.device)
         cfg = self.shelf.get(key.model).config
         block_bytes = cfg.kv_bytes_per_token(elem) * key.page
-        from lab.runs import kv_need_bytes
-        capacity = kv_need_bytes(key, cfg, elem)
+        capacity = kv_need_bytes(key, cfg, elem)  # execute() sizes the cache to exactly this
         return RunInfo(block_size=key.page, num_blocks=capacity // block_bytes,
                        kv_bytes_capacity=capacity, block_bytes=block_bytes,
-                       device=self.banner_device(), model=key.model)
-
-    def banner_device(self) -> str:
-        return analytic.probe(self.shelf.device.type).device
+                       device=analytic.probe(self.shelf.device.type).device, model=key.model)
 
     # -- results -------------------------------------------------------------------------------
     def _finish(self, key: RunKey, outcome: Outcome) -> None:

@@ -8,6 +8,7 @@ import panel as pn
 
 from lab.content import Content
 from lab.demo import DemoController
+from lab.prediction import attach_prediction_gate
 from lab.sections import section_heading
 
 STATUS_TEXT = {
@@ -82,8 +83,9 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
     """The whole demo; `compact` (embed mode) drops the section heading and the intro text."""
     parts = [] if compact else [section_heading(content, "demo"),
                                 pn.pane.Markdown(content.demo, sizing_mode="stretch_width")]
-    parts += [
-        demo.banner, demo.link_notice, controls(demo, content), status_line(demo), demo.notice,
+    gate = attach_prediction_gate(demo, content)
+    demo.gate = gate  # tests and the classroom reach the session's gate here
+    results = pn.Column(
         demo.summary,
         pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
             plot_card("Latency per request", demo.latency, "latency"),
@@ -92,5 +94,7 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
             plot_card("Page map", demo.page_map, "page_map"),
             plot_card("TPOT against batch size", demo.tpot_batch, "tpot_batch"),
             gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),
-    ]
+        sizing_mode="stretch_width")
+    parts += [demo.banner, demo.link_notice, controls(demo, content), status_line(demo),
+              demo.notice, gate, gate.cover(results)]
     return pn.Column(*parts, sizing_mode="stretch_width", css_classes=["lab-section", "demo"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import panel as pn
 
 from lab import sections
+from lab.after import after_first_pass
 from lab.content import load_content
 from lab.demo import DemoController
 from lab.demo_view import demo_section
@@ -47,7 +48,8 @@ def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
     else:
         body = [sections.header(content, links or {}, theme), sections.structure(content),
                 sections.intuition(content), sections.math_section(content),
-                sections.code_section(content, state), demo_section(demo, content)]
+                sections.code_section(content, state), demo_section(demo, content),
+                after_first_pass(demo, content)]
     page = pn.Column(*body, sizing_mode="stretch_width", max_width=MAX_WIDTH,
                      styles={"margin": "0 auto"}, stylesheets=[sections.CSS],
                      css_classes=["lab-page"])

@@ -62,8 +62,9 @@ class LabState(param.Parameterized):
                 number = float(raw)
                 if number != number or number in (float("inf"), float("-inf")):
                     raise ValueError
-            except (TypeError, ValueError):
-                notes.append(f"{name}={raw!r} is not a number; kept {getattr(self, name)}")
+            except (TypeError, ValueError, OverflowError):
+                notes.append(f"{name}={str(raw)[:40]!r} is not a usable number; "
+                             f"kept {getattr(self, name)}")
                 continue
             low, high = p.bounds
             clamped = min(max(number, low), high)
