@@ -81,6 +81,8 @@ def estimate_run_s(key: RunKey, cfg: ModelConfig, probe: analytic.DeviceProbe, e
 
 def check_run(key: RunKey, limits: Limits) -> str | None:
     """Why this run may not start (one sentence for the learner), or None."""
+    if min(key.batch, key.context, key.page, key.output) < 1:
+        return "Batch, context, page size and output must each be at least 1."
     try:
         cfg = preset(key.model)
     except ConfigError as err:

@@ -139,12 +139,19 @@ class EngineService:
             job.listeners = kept
             for l in dropped:
                 self._notify(l, Outcome(cancelled=True))
+            if self._waiting.get(session) is job:  # it waited in this session's turn
+                place = self._order.index(session)
+                del self._waiting[session]
+                self._order.remove(session)
+                if kept:  # others still want it: it keeps its place under one of them
+                    heir = next((l.session for l in kept if l.session not in self._waiting), None)
+                    if heir is None:
+                        self._background.append(job)
+                    else:
+                        self._waiting[heir] = job
+                        self._order.insert(place, heir)
             if not kept and not job.background:
                 job.cancel.set()
-                for s, waiting in list(self._waiting.items()):
-                    if waiting is job:
-                        del self._waiting[s]
-                        self._order.remove(s)
 
     def drop_background(self, session: str) -> None:
         """Stop listening to `session`'s queued background jobs; drop those nobody wants."""
