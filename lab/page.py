@@ -10,6 +10,7 @@ import panel as pn
 
 from lab import sections
 from lab.after import after_first_pass
+from lab.classroom_view import attach_classroom
 from lab.content import load_content
 from lab.demo import DemoController
 from lab.demo_view import demo_section
@@ -43,6 +44,7 @@ def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
         pn.state.on_session_destroyed(lambda _ctx: demo.close())
         pn.state.onload(demo.start)
         keep_url_in_sync(state)
+    bar = attach_classroom(demo, content, query)  # None unless instructor mode is on
     if embed:
         body = [demo_section(demo, content, compact=True)]
     else:
@@ -50,6 +52,8 @@ def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
                 sections.intuition(content), sections.math_section(content),
                 sections.code_section(content, state), demo_section(demo, content),
                 after_first_pass(demo, content)]
+    if bar is not None:
+        body.insert(0, bar)
     page = pn.Column(*body, sizing_mode="stretch_width", max_width=MAX_WIDTH,
                      styles={"margin": "0 auto"}, stylesheets=[sections.CSS],
                      css_classes=["lab-page"])

@@ -1,9 +1,11 @@
-"""The objects one server process shares on purpose: the engine service, the loaded models and the
-run limits. Each is made once, by a cached factory, the first time any session asks."""
+"""The objects one server process shares on purpose: the engine service, the loaded models, the
+run limits and the classroom hub. Each is made once, by a cached factory, the first time any session
+asks."""
 from __future__ import annotations
 
 import functools
 
+from lab.classroom import Classroom
 from lab.runs import Limits, ModelShelf
 from lab.service import EngineService
 
@@ -21,3 +23,8 @@ def service() -> EngineService:
 @functools.lru_cache(maxsize=1)
 def shelf() -> ModelShelf:
     return ModelShelf(limits().device)
+
+
+@functools.lru_cache(maxsize=1)
+def classroom() -> Classroom:
+    return Classroom.from_env()

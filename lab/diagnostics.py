@@ -1,0 +1,78 @@
+"""A read-only JSON view of what one server process holds, for load and churn checks.
+
+Served only when asked for: `panel serve lab/app.py --plugins lab.diagnostics` adds GET /diagnostics
+(under --prefix if one is set). It reports counts only (sessions, threads, periodic callbacks, the
+engine queue, the classroom hub, resident memory): no session ids, no query strings, no token.
+`?deep=1` also collects garbage and counts the live per-session objects, to catch leaks; that walks
+the whole heap, so it is for tests, not for polling.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+
+import panel as pn
+from tornado.web import RequestHandler
+
+from lab import shared
+
+
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """Threads and resident memory (kB) of a process, from /proc/PID/status (Linux)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Threads", "VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def thread_names() -> dict[str, int]:
+    """Live Python threads grouped by name, with pool and counter suffixes removed."""
+    return dict(Counter(re.sub(r"([-_]\d+)+$", "", t.name) for t in threading.enumerate()))
+
+
+def live_objects() -> dict[str, int]:
+    """How many per-session objects are still alive after a full collection."""
+    from lab.classroom_view import StudentBar, PresenterBar
+    from lab.demo import DemoController
+    from lab.state import LabState
+    kinds = (LabState, DemoController, StudentBar, PresenterBar)
+    gc.collect()
+    counts = Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds))
+    return {k.__name__: counts.get(k.__name__, 0) for k in kinds}
+
+
+def snapshot(server=None, deep: bool = False) -> dict:
+    """Everything the endpoint reports; `server` is the BokehTornado application, if any."""
+    sessions = {path: len(server.get_sessions(path)) for path in server.app_paths} if server else {}
+    status = proc_status()
+    out = {
+        "sessions": sum(sessions.values()), "sessions_by_app": sessions,
+        "threads": status["Threads"], "python_threads": thread_names(),
+        "rss_kb": status["VmRSS"], "peak_rss_kb": status["VmHWM"],
+        "periodic_callbacks": sum(cb.running for cbs in pn.state._periodic.values() for cb in cbs),
+        "panel_views": len(pn.state._views),
+        "service": shared.service().stats(),
+        "classroom": shared.classroom().stats(),
+    }
+    if deep:
+        out["live_objects"] = live_objects()
+    return out
+
+
+class DiagnosticsHandler(RequestHandler):
+    """GET /diagnostics: the snapshot as JSON."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        deep = self.get_argument("deep", "") == "1"
+        self.write(json.dumps(snapshot(self.application, deep=deep)))
+
+
+ROUTES = [(r"/diagnostics", DiagnosticsHandler, {})]  # what `panel serve --plugins` reads

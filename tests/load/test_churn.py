@@ -1,0 +1,72 @@
+"""Churn: opening and closing many sessions leaves nothing behind on the server.
+
+Starts its own `panel serve` with the diagnostics endpoint, runs `python -m lab.load --churn N`
+(real chromium pages, each opened until its first run is measured, then closed), and checks the
+server's own account afterwards: no session, no periodic callback, no queued job, no classroom
+member, no live per-session object, no thread beyond those it had after one session, and memory
+within a bound. N is 6 by default, to stay near a minute on two cores; set LAB_CHURN_SESSIONS=200
+for the full run recorded in docs/classroom.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, free_port, serve
+
+pytestmark = pytest.mark.browser
+SESSIONS = int(os.environ.get("LAB_CHURN_SESSIONS", "6"))
+CHEAP = "batch=1&context=16&page=16&output=2"
+# Closed sessions are dropped 15 s after their page goes (Bokeh's default lifetime, which must
+# outlast a slow page load); checking every 2 s instead of 17 s keeps the wait short.
+FLAGS = ["--liveness", "--plugins", "lab.diagnostics", "--check-unused-sessions", "2000"]
+
+
+@pytest.fixture(scope="module")
+def churn_server():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (make test installs Debian's chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    port = free_port()
+    proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30"},
+                 extra=FLAGS)
+    yield f"http://127.0.0.1:{port}/app"
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def user_threads(snapshot: dict) -> dict[str, int]:
+    """Python threads other than the engine worker, which ends on its own after 30 s idle."""
+    return {k: v for k, v in snapshot["python_threads"].items() if k != "engine-worker"}
+
+
+@pytest.mark.timeout(900)
+def test_opening_and_closing_sessions_leaves_nothing_behind(churn_server):
+    cmd = [sys.executable, "-m", "lab.load", "--url", f"{churn_server}?{CHEAP}",
+           "--churn", str(SESSIONS), "--wave", "3", "--settle", "60"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=880, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    result = json.loads(done.stdout)
+    (ARTIFACTS / "churn.json").write_text(done.stdout)
+    assert result["opened"] == SESSIONS + 1  # plus the first, which sets the baseline
+    assert result["errors"] == result["console_errors"] == result["page_errors"] == 0, result
+    before, after = result["before"], result["after"]
+    assert after["sessions"] == 0
+    assert after["periodic_callbacks"] == 0 and after["panel_views"] == 0
+    service = after["service"]
+    assert service["waiting"] == service["background"] == service["running"] == 0
+    assert service["runs_started"] == before["service"]["runs_started"]  # all cached: no reruns
+    assert after["classroom"]["members"] == after["classroom"]["instructors"] == 0
+    assert set(after["live_objects"].values()) == {0}, after["live_objects"]
+    assert user_threads(after) == user_threads(before)
+    assert after["threads"] <= before["threads"]
+    # Python keeps freed arenas, so RSS need not fall back; it must not keep growing per session.
+    assert after["rss_kb"] - before["rss_kb"] < 2_000 * SESSIONS + 60_000
