@@ -5,6 +5,7 @@ The server runs on a free local port with the tiny test model limits; chromium i
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -59,15 +60,24 @@ def lab_url():
     if not Path(CHROMIUM).exists():
         pytest.skip("chromium is not installed (make test installs Debian's chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
+    with lab_server() as url:
+        yield url
+
+
+@contextlib.contextmanager
+def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None):
+    """Serve lab/app.py on a free port on the CPU; yields the app's URL and stops the server."""
     port = free_port()
-    proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30"},
-                 extra=["--liveness"])
-    yield f"http://127.0.0.1:{port}/app"
-    proc.terminate()
+    proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", **(env or {})},
+                 extra=extra or ["--liveness"])
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield f"http://127.0.0.1:{port}/app"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,12 @@ a wrong token shows the student view and says nothing about why."""
 from __future__ import annotations
 
 import secrets
-import subprocess
 import time
 
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import free_port, serve
+from tests.browser.conftest import lab_server
 
 pytestmark = pytest.mark.browser
 TOKEN = "t-" + secrets.token_urlsafe(16)
@@ -20,15 +19,8 @@ CHEAP = "batch=1&context=16&page=16&output=2"  # each run takes well under a sec
 
 @pytest.fixture(scope="module")
 def class_url(lab_url):  # lab_url: chromium is present and the artifacts folder exists
-    port = free_port()
-    proc = serve("lab/app.py", port, extra=["--liveness"],
-                 env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", "LAB_INSTRUCTOR_TOKEN": TOKEN})
-    yield f"http://127.0.0.1:{port}/app"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with lab_server(env={"LAB_INSTRUCTOR_TOKEN": TOKEN}) as url:
+        yield url
 
 
 def open_page(browser: Browser, url: str) -> tuple[Page, list[str]]:

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, free_port, serve
+from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, lab_server
 
 pytestmark = pytest.mark.browser
 SESSIONS = int(os.environ.get("LAB_CHURN_SESSIONS", "6"))
@@ -31,15 +31,8 @@ def churn_server():
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium is not installed (make test installs Debian's chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
-    port = free_port()
-    proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30"},
-                 extra=FLAGS)
-    yield f"http://127.0.0.1:{port}/app"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with lab_server(extra=FLAGS) as url:
+        yield url
 
 
 def user_threads(snapshot: dict) -> dict[str, int]:
