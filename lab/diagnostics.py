@@ -38,7 +38,8 @@ def thread_names() -> dict[str, int]:
 
 def live_objects() -> dict[str, int]:
     """How many per-session objects are still alive after a full collection."""
-    from lab.classroom_view import StudentBar, PresenterBar
+    # Imported here, not at plugin load: the page's modules belong to the app's sessions.
+    from lab.classroom_view import PresenterBar, StudentBar
     from lab.demo import DemoController
     from lab.state import LabState
     kinds = (LabState, DemoController, StudentBar, PresenterBar)
