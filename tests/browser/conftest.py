@@ -71,6 +71,9 @@ def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None
     proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", **(env or {})},
                  extra=extra or ["--liveness"])
     try:
+        # One request first, so the server's one-time work (imports, content, the first page
+        # build) is not charged to whichever test happens to run first.
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/app", timeout=180).read()
         yield f"http://127.0.0.1:{port}/app"
     finally:
         proc.terminate()
@@ -83,3 +86,11 @@ def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args):
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture
+def page(page):
+    """Playwright's page, with timeouts sized for a shared 2-core machine running the engine."""
+    page.set_default_navigation_timeout(120_000)
+    page.set_default_timeout(60_000)
+    return page

@@ -31,7 +31,7 @@ def test_gate_hides_the_result_until_a_prediction_is_committed(loaded: Page):
     handle = page.locator(".noUi-handle").first  # batch size
     handle.focus()
     handle.press("ArrowRight")
-    expect(page.locator(".gate-ask")).to_contain_text("batch size", timeout=10_000)
+    expect(page.locator(".gate-ask")).to_contain_text("batch size", timeout=60_000)
     expect(page.locator(".gate-placeholder")).to_contain_text("Commit your prediction")
     expect(table).to_be_hidden()
     wait_measured(page)  # the run finishes, and the result stays covered
@@ -52,7 +52,7 @@ def test_skip_reveals_without_a_verdict(loaded: Page):
     handle = page.locator(".noUi-handle").nth(3)  # output tokens
     handle.focus()
     handle.press("ArrowLeft")
-    expect(page.locator(".gate-placeholder")).to_be_visible(timeout=10_000)
+    expect(page.locator(".gate-placeholder")).to_be_visible(timeout=60_000)
     page.locator(".gate-skip button").click()
     wait_measured(page)
     expect(page.locator("table.summary-table")).to_be_visible(timeout=30_000)
@@ -62,7 +62,7 @@ def test_skip_reveals_without_a_verdict(loaded: Page):
 def test_storyboard_steps_through_the_real_trace(loaded: Page):
     page = loaded
     counter = page.locator(".sb-counter")
-    expect(counter).to_contain_text(re.compile(r"Engine step 0 · 1 of \d+"), timeout=10_000)
+    expect(counter).to_contain_text(re.compile(r"Engine step 0 · 1 of \d+"), timeout=60_000)
     total = int(re.search(r"of (\d+)", counter.inner_text()).group(1))
     assert total > 2
     events = page.locator(".sb-events")
