@@ -189,6 +189,13 @@ class Client:
             await page.evaluate("window.__lab.hidePlots()")
         return page
 
+    async def close(self, i: int, page) -> None:
+        """Close a session's page and context, as a student closing the tab."""
+        try:
+            await asyncio.wait_for(page.context.close(), self.timeout_ms / 1000)
+        except Exception as err:  # a hung close must not stall the run
+            self.tally.error(i, f"close failed: {type(err).__name__}: {str(err)[:200]}")
+
     async def move(self, i: int, page, key: str) -> float | None:
         """Press `key` on the batch slider; milliseconds until the table shows the new run."""
         handle = page.locator(".bk-input-group").filter(has_text=BATCH_LABEL).locator(
@@ -325,7 +332,7 @@ async def churn(url: str, total: int, wave: int, timeout_s: float, settle_s: flo
         first = await client.open(-1)  # starts the thread pool, loads the model, caches the run
         if first is None:
             raise SystemExit(f"could not open {url}: {tally.errors}")
-        await first.context.close()
+        await client.close(-1, first)
         before = await settle(url, settle_s)
         peak_rss = before["rss_kb"]
         t0 = time.monotonic()
@@ -333,7 +340,11 @@ async def churn(url: str, total: int, wave: int, timeout_s: float, settle_s: flo
             pages = await asyncio.gather(*(client.open(i)
                                            for i in range(start, min(total, start + wave))))
             peak_rss = max(peak_rss, diagnostics(url)["rss_kb"])
-            await asyncio.gather(*(pg.context.close() for pg in pages if pg is not None))
+            for i, pg in enumerate(pages, start):
+                if pg is not None:
+                    await client.close(i, pg)
+            print(f"churn: {min(total, start + wave)} of {total} opened and closed "
+                  f"({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
         wall = time.monotonic() - t0
         await client.browser.close()
     after = await settle(url, settle_s)
