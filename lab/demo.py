@@ -158,10 +158,6 @@ class DemoController:
         self._start_sweep(key)
 
     def _draw(self, trace: Trace) -> None:
-        with pn.io.hold():  # one message to the browser for the whole redraw
-            self._draw_all(trace)
-
-    def _draw_all(self, trace: Trace) -> None:
         summary = summarize(trace, self.state.slo())
         probe = analytic.probe(self.shelf.device.type)
         self.banner.update(trace.device, trace.model, probe)
