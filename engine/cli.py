@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="token budget per step (caps a prefill chunk)")
     run.add_argument("--no-chunked-prefill", action="store_true",
                      help="schedule each prompt whole instead of in chunks")
+    run.add_argument("--no-cuda-graphs", action="store_true",
+                     help="launch decode steps kernel by kernel (CUDA only; shows what graphs save)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
@@ -79,7 +81,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, WorkloadSpec, SLO]:
     engine = EngineConfig(model=args.model, device=args.device, seed=args.seed,
                           block_size=args.page_size, kv_budget_bytes=budget,
                           max_num_seqs=args.batch, max_num_batched_tokens=args.max_batched_tokens,
-                          policy=args.policy, chunked_prefill=not args.no_chunked_prefill)
+                          policy=args.policy, chunked_prefill=not args.no_chunked_prefill,
+                          cuda_graphs=not args.no_cuda_graphs)
     workload = WorkloadSpec(num_requests=args.requests or args.batch, prompt_len=args.context,
                             output_len=args.output, rate=args.rate, burstiness=args.burstiness,
                             seed=args.seed)

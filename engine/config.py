@@ -104,6 +104,9 @@ class EngineConfig:
     policy: str = "continuous"  # continuous (iteration-level) or static (request-level)
     chunked_prefill: bool = True  # split long prompts across steps, decodes go first
     max_model_len: int | None = None  # longest prompt + output; None takes the model's maximum
+    # Replay pure-decode steps as captured CUDA graphs (CUDA with triton only): a small model's
+    # decode step is otherwise paced by its hundreds of kernel launches, not by memory.
+    cuda_graphs: bool = True
     model_config: ModelConfig | None = field(default=None, compare=False)  # overrides the preset
 
     def __post_init__(self) -> None:

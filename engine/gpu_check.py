@@ -5,10 +5,11 @@
 Steps, in order, each inside its own time box and failing soft (the error is recorded, the next
 step runs): (a) the Triton kernel tests compiled on CUDA; (b) device copy bandwidth and bf16 matmul
 throughput; (c) the kernel's achieved bandwidth on long contexts, against the copy bandwidth;
-(d) `python -m engine.bench`; (e) TPOT against batch and TTFT against context from `python -m engine
-run`. Writes DIR/gpu_check.json and DIR/gpu_check.md. Without CUDA it refuses (exit 2) unless
---dry-run, which runs the same steps on the CPU with tiny sizes (the kernel in triton's interpreter)
-so that the script itself stays tested.
+(d) pure-decode step time with CUDA graphs on and off, against the bandwidth floor; (e) `python -m
+engine.bench`; (f) TPOT against batch and TTFT against context from `python -m engine run`. Writes
+DIR/gpu_check.json and DIR/gpu_check.md. Without CUDA it refuses (exit 2) unless --dry-run, which
+runs the same steps on the CPU with tiny sizes (the kernel in triton's interpreter) so that the
+script itself stays tested.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -57,22 +59,27 @@ class Plan:
     ttft_contexts: tuple[int, ...]
     run_box_s: float  # one `engine run` subprocess
     serving_box_s: float  # all of them together
+    graph_batches: tuple[int, ...]  # decode batches timed with CUDA graphs on and off
+    graph_context: int  # short, so a step's bytes are mostly weights
+    graph_box_s: float
 
 
 GPU_PLAN = Plan(
     device="cuda", total_s=290, test_filter="",
     test_box_s=100,  # compiling the tests' ~30 kernel variants on a fresh machine takes most of it
     copy_bytes=1 << 30, matmul_n=8192, matmul_dtype=torch.bfloat16, kernel_dtype=torch.bfloat16,
-    batches=(1, 4, 16, 64), contexts=(4096, 8192, 16384, 32768), page_size=16, kernel_box_s=45,
-    bench_box_s=60, bench_quick=False, model="gpu-1b", output_len=32,
+    batches=(1, 4, 16, 64), contexts=(4096, 8192, 16384, 32768), page_size=16, kernel_box_s=40,
+    bench_box_s=55, bench_quick=False, model="gpu-1b", output_len=32,
     tpot_batches=(1, 8, 64, 256), tpot_context=512,
-    ttft_contexts=(512, 2048, 8192), run_box_s=40, serving_box_s=70)
+    ttft_contexts=(512, 2048, 8192), run_box_s=40, serving_box_s=65,
+    graph_batches=(1, 8, 64), graph_context=128, graph_box_s=35)
 DRY_PLAN = Plan(
     device="cpu", total_s=75, test_filter="smoke", test_box_s=25, copy_bytes=16 << 20,
     matmul_n=256, matmul_dtype=torch.float32, kernel_dtype=torch.float32, batches=(1, 2),
     contexts=(40, 100), page_size=16, kernel_box_s=10, bench_box_s=15, bench_quick=True,
     model="tiny", output_len=4,
-    tpot_batches=(1, 2), tpot_context=16, ttft_contexts=(32,), run_box_s=8, serving_box_s=15)
+    tpot_batches=(1, 2), tpot_context=16, ttft_contexts=(32,), run_box_s=8, serving_box_s=15,
+    graph_batches=(1, 2), graph_context=16, graph_box_s=10)
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -218,14 +225,60 @@ def kernel_bandwidth(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[s
     return result
 
 
+def decode_graphs(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[str, Any]:
+    """(d) median pure-decode step time (each sequence's TPOT) at a few batches, CUDA graphs on
+    and off, one loaded model for every engine; the floor is a step's bytes over copy bandwidth."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.weights import load_model
+    from engine.workload import WorkloadSpec
+    deadline = time.monotonic() + box_s
+    device = torch.device(plan.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = load_model(plan.model, 0, device, dtype)
+    per_token = model.config.kv_bytes_per_token(torch.finfo(dtype).bits // 8)
+    context, output = plan.graph_context, plan.output_len
+    result: dict[str, Any] = {"model": plan.model, "context": context, "output_len": output,
+                              "rows": [], "truncated": False}
+    for batch in plan.graph_batches:
+        row: dict[str, Any] = {"batch": batch}
+        for graphs in (True, False):
+            if time.monotonic() > deadline:
+                result["truncated"] = True
+                break
+            # Every prompt in one step, so every later step decodes the whole batch.
+            engine = LLMEngine(EngineConfig(
+                model=plan.model, device=plan.device, max_num_seqs=batch, cuda_graphs=graphs,
+                max_num_batched_tokens=max(512, batch * context),
+                kv_budget_bytes=2 * batch * (context + output) * per_token), model=model)
+            if graphs:
+                row["graphs_used"] = engine.graphs is not None  # False off CUDA or without triton
+            trace = engine.run(WorkloadSpec(num_requests=batch, prompt_len=context,
+                                            output_len=output))
+            times = [s.duration_s for s in trace.steps
+                     if not s.prefill_tokens and s.decode_seqs == batch]
+            row["graphs_ms" if graphs else "eager_ms"] = 1e3 * statistics.median(times)
+            del engine, trace
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if "eager_ms" in row:
+            row["speedup"] = row["eager_ms"] / row["graphs_ms"]
+        if copy_gbs and "graphs_ms" in row:
+            step_bytes = model.weight_bytes() + batch * (context + output / 2) * per_token
+            row["floor_ms"] = 1e3 * step_bytes / (copy_gbs * 1e9)
+            row["graphs_over_floor"] = row["graphs_ms"] / row["floor_ms"]
+        result["rows"].append(row)
+    return result
+
+
 def bench(plan: Plan, box_s: float) -> dict[str, Any]:
-    """(d) the engine's own benchmark, as a subprocess."""
+    """(e) the engine's own benchmark, as a subprocess."""
     return _run([sys.executable, "-m", "engine.bench", "--json", "--device", plan.device,
                  "--model", plan.model] + (["--quick"] if plan.bench_quick else []), box_s)
 
 
 def serving(plan: Plan, box_s: float) -> dict[str, Any]:
-    """(e) TPOT against batch and TTFT against context, one `engine run` subprocess per point."""
+    """(f) TPOT against batch and TTFT against context, one `engine run` subprocess per point."""
     deadline = time.monotonic() + box_s
     points = ([("tpot_vs_batch", b, plan.tpot_context) for b in plan.tpot_batches]
               + [("ttft_vs_context", 1, c) for c in plan.ttft_contexts])
@@ -321,12 +374,21 @@ def to_markdown(report: dict[str, Any]) -> str:
     out += _table(["tile (block_n, warps, stages)"] + cols,
                   [[r["tile"]] + [r.get(c) for c in cols] for r in kern.get("sweep", [])])
     out += _failed(kern)
+    graphs = report["decode_graphs"]
+    cols = ["batch", "graphs_used", "graphs_ms", "eager_ms", "speedup", "floor_ms",
+            "graphs_over_floor"]
+    out += ["## (d) Decode graphs: pure-decode step time, CUDA graphs on and off", "",
+            f"Model {graphs.get('model')}; prompt {graphs.get('context')}, output "
+            f"{graphs.get('output_len')}; floor = (weights + KV read) / copy bandwidth; "
+            f"truncated: {graphs.get('truncated')}.", ""]
+    out += _table(cols, [[r.get(c) for c in cols] for r in graphs.get("rows", [])])
+    out += _failed(graphs)
     b = report["bench"]
-    out += ["## (d) engine.bench", ""] + _table(["ok", "metric", "value"], [
+    out += ["## (e) engine.bench", ""] + _table(["ok", "metric", "value"], [
         [b["ok"], k, v] for k, v in _headline(b.get("json")).items()] or [[b["ok"], "-", "-"]])
     out += _failed(b)
     serve = report["serving"]
-    out += ["## (e) Serving: TPOT vs batch, TTFT vs context", ""]
+    out += ["## (f) Serving: TPOT vs batch, TTFT vs context", ""]
     for sweep in ("tpot_vs_batch", "ttft_vs_context"):
         rows = [[sweep, r["batch"], r["context"], r["ok"],
                  "; ".join(f"{k}={_cell(v)}" for k, v in r.get("metrics", {}).items())
@@ -372,9 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = report["device_probe"].get("copy_gbs")
     _step(report, "kernel_bandwidth", lambda box: kernel_bandwidth(plan, box, copy_gbs),
           plan.kernel_box_s, end)
+    _step(report, "decode_graphs", lambda box: decode_graphs(plan, box, copy_gbs),
+          plan.graph_box_s, end)
     _step(report, "bench", lambda box: bench(plan, box), plan.bench_box_s, end)
     _step(report, "serving", lambda box: serving(plan, box), plan.serving_box_s, end)
-    steps = ("kernel_tests", "device_probe", "kernel_bandwidth", "bench", "serving")
+    steps = ("kernel_tests", "device_probe", "kernel_bandwidth", "decode_graphs", "bench",
+             "serving")
     report["meta"]["seconds"] = round(time.monotonic() - start, 1)
     report["meta"]["all_ok"] = all(report[s]["ok"] for s in steps)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import ConfigError, EngineConfig
+from engine.cuda_graphs import DecodeGraphs, graphs_supported
 from engine.model import KVCache, Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
 from engine.runner import ModelRunner
@@ -69,14 +70,20 @@ class LLMEngine:
         if self.num_blocks < 1:
             raise ConfigError(f"KV budget of {budget} bytes holds no block of {self.block_bytes} "
                               "bytes; raise the budget or lower the page size")
+        use_graphs = config.cuda_graphs and graphs_supported(self.device)
         try:
-            self.cache = KVCache(self.model_config, self.num_blocks, config.block_size, self.dtype,
-                                 self.device)
+            # With graphs, one block past the manager's range is the scratch target of padding rows.
+            self.cache = KVCache(self.model_config, self.num_blocks + int(use_graphs),
+                                 config.block_size, self.dtype, self.device)
         except RuntimeError:  # CPU allocation failure, or CUDA OOM (a RuntimeError subclass)
             raise ConfigError(f"cannot allocate a KV cache of {self.num_blocks * self.block_bytes} "
                               f"bytes on {self.device.type}; lower the KV budget") from None
         self.device_name = describe_device(self.device)
         self._warm_up()
+        # Captured after the eager warm-up, every ladder size at once: see DecodeGraphs.
+        self.graphs = (DecodeGraphs(self.model, self.cache, config.max_num_seqs, self.max_len,
+                                    scratch_block=self.num_blocks, capture=True)
+                       if use_graphs else None)
 
     def _default_budget(self) -> int:
         if self.device.type != "cuda":
@@ -145,7 +152,7 @@ class LLMEngine:
         cfg = self.config
         blocks = BlockManager(self.num_blocks, cfg.block_size)
         scheduler = Scheduler(cfg, blocks, self.max_len)
-        runner = ModelRunner(self.model, self.cache, blocks, self.device)
+        runner = ModelRunner(self.model, self.cache, blocks, self.device, self.graphs)
         records = [RequestRecord(id=r.id, prompt_ids=list(r.prompt_ids), max_tokens=r.max_tokens,
                                  arrival_s=r.arrival_s) for r in requests]
         pending = deque(sorted(zip(requests, records), key=lambda rr: rr[0].arrival_s))

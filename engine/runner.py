@@ -3,23 +3,26 @@
 The only module between bookkeeping and torch: it reads block tables from the block manager to build
 slot mappings and per-sequence tables, puts decodes first in the flat batch (the model's attention
 expects that), and returns greedy tokens for every sequence whose chunk reached its last token.
+A pure-decode batch goes through `DecodeGraphs` when the runner is given one (CUDA runs).
 """
 from __future__ import annotations
 
 import torch
 
 from engine.block_manager import BlockManager
+from engine.cuda_graphs import DecodeGraphs
 from engine.model import AttentionMetadata, KVCache, Llama, PrefillChunk
 from engine.scheduler import Batch
 
 
 class ModelRunner:
     def __init__(self, model: Llama, cache: KVCache, blocks: BlockManager,
-                 device: torch.device) -> None:
+                 device: torch.device, graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.blocks = blocks
         self.device = device
+        self.graphs = graphs  # replays pure-decode steps; None runs every step eagerly
 
     def execute(self, batch: Batch) -> dict[int, int]:
         """One forward pass over `batch`; returns {request id: sampled token}."""
@@ -50,6 +53,19 @@ class ModelRunner:
             if stop == seq.num_tokens:
                 logit_rows.append(len(ids) - 1)
                 sample_for.append(seq.id)
+        if (self.graphs is not None and decode_tables and not prefills
+                and len(decode_tables) <= self.graphs.max_batch):
+            logits = self.graphs.run(ids, positions, slots, decode_tables, decode_lens)
+        else:
+            logits = self._eager(ids, positions, slots, decode_tables, decode_lens, prefills,
+                                 logit_rows)
+        tokens = logits.argmax(dim=-1).tolist()  # greedy; .tolist() also waits for the device
+        return dict(zip(sample_for, tokens))
+
+    def _eager(self, ids: list[int], positions: list[int], slots: list[int],
+               decode_tables: list[list[int]], decode_lens: list[int],
+               prefills: list[PrefillChunk], logit_rows: list[int]) -> torch.Tensor:
+        """The model run op by op on tensors sized to this batch: (len(logit_rows), vocab)."""
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             num_decodes=len(decode_tables),
@@ -59,10 +75,8 @@ class ModelRunner:
         )
         if not logit_rows:  # every chunk was a partial prefill: run for the cache, sample nothing
             logit_rows = [len(ids) - 1]
-        logits = self.model(self._tensor(ids), self._tensor(positions), self.cache, meta,
-                            self._tensor(logit_rows))
-        tokens = logits.argmax(dim=-1).tolist()  # greedy; .tolist() also waits for the device
-        return dict(zip(sample_for, tokens))
+        return self.model(self._tensor(ids), self._tensor(positions), self.cache, meta,
+                          self._tensor(logit_rows))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

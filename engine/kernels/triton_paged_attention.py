@@ -13,6 +13,9 @@ where decode attention is bound by how fast K/V stream out of memory:
 * Split-K (flash-decoding): when `batch * kv_heads` programs cannot fill the GPU, each sequence's
   positions are cut into `num_splits` chunks that run in parallel; a second small kernel merges the
   partial results by their log-sum-exp.
+* Nothing reads a device value back to the host: the split plan comes from the block table's
+  width, not from context_lens. That keeps the call capturable in a CUDA graph
+  (`engine.cuda_graphs`, which passes tables of one fixed width).
 
 The module imports without triton (then `available()` is False). The kernels are plain functions
 handed to `triton.jit` on first use, not at import: `triton.jit` picks the interpreter or the
