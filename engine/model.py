@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.kernels.cpu_decode import CpuDecoder
 from engine.kernels.paged_attention import paged_decode_attention
 
 
@@ -58,12 +59,11 @@ class KVCache:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. A CPU weight stored transposed (see `Llama.prepare`) goes through numpy's
-    BLAS: on the 2-core AMD EPYC we measured, it streamed a decode step's weights at about 25 GB/s,
-    close to the machine's copy bandwidth, where torch's CPU BLAS reached about 14 GB/s."""
-    wt = weight.t()  # (in, out)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and wt.is_contiguous():
-        return torch.from_numpy(np.matmul(x.contiguous().numpy(), wt.numpy()))
+    """x @ weight.T. On the CPU in fp32 the product goes through numpy's OpenBLAS on whatever
+    layout `Llama.prepare` gave the weight: on the 2-core AMD EPYC we measured, it streamed a
+    decode step's weights at about 25 GB/s, where torch's CPU BLAS reached about 14 GB/s."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(np.matmul(x.contiguous().numpy(), weight.detach().numpy().T))
     return F.linear(x, weight)
 
 
@@ -235,6 +235,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
         self.register_buffer("embed_rows", None, persistent=False)  # a row-major copy, see prepare()
+        self.cpu_decoder: CpuDecoder | None = None  # set by prepare() for fp32 CPU serving
 
     def init_random(self, seed: int) -> None:
         """Seeded normal weights (std = initializer_range), unit norms: the default model."""
@@ -250,6 +251,12 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata, logit_index: torch.Tensor) -> torch.Tensor:
         """Run the flat batch, write its K/V, return logits at `logit_index`: (M, vocab)."""
+        if self.cpu_decoder is not None and not meta.prefills:
+            logits = self.cpu_decoder(
+                input_ids.numpy(), positions.numpy(), meta.slot_mapping.numpy(),
+                meta.decode_block_tables.numpy(), meta.decode_context_lens.numpy(),
+                cache.k.numpy(), cache.v.numpy())
+            return torch.from_numpy(logits)[logit_index]
         table = self.model.embed_tokens.weight if self.embed_rows is None else self.embed_rows
         h = F.embedding(input_ids, table)  # (N, d)
         cos, sin = self.rotary(positions, h.dtype)
@@ -262,23 +269,27 @@ class Llama(nn.Module):
 
     def prepare(self) -> "Llama":
         """Ready loaded weights for serving: fuse q/k/v and gate/up into single matrices, and on
-        the CPU store every matrix transposed in memory (parameters keep their (out, in) shapes
-        as views). A batch-1 matrix-vector product then streams weights in the order the CPU's
-        BLAS reads fastest; on a 2-core EPYC a decode step's weights went through about 1.5x
-        faster than in the (out, in) layout."""
-        transposed = next(self.parameters()).device.type == "cpu"
+        the CPU lay each matrix out in memory the way OpenBLAS's matrix-vector product streams it
+        fastest (parameters keep their (out, in) shapes, as views). On a 2-core EPYC, matrices
+        with a wide output (q/k/v, gate/up, o, the LM head) read at 20-34 GB/s stored (in, out)
+        against 12-23 GB/s stored (out, in); the down projection, with its long input, is the
+        other way round (28 against 22 GB/s), so it keeps Hugging Face's layout. An fp32 CPU
+        model also gets its numpy decode step (`engine.kernels.cpu_decode`)."""
+        cpu = next(self.parameters()).device.type == "cpu"
         with torch.no_grad():
             for layer in self.model.layers:
-                layer.self_attn.fuse(transposed)
-                layer.mlp.fuse(transposed)
-                for m in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                    if transposed:
-                        m.weight.data = m.weight.data.t().contiguous().t()
-            if transposed:  # tied or not: the LM head is the biggest single matrix
+                layer.self_attn.fuse(transposed=cpu)
+                layer.mlp.fuse(transposed=cpu)
+                if cpu:
+                    o_proj = layer.self_attn.o_proj
+                    o_proj.weight.data = o_proj.weight.data.t().contiguous().t()
+            if cpu:  # tied or not: the LM head is the biggest single matrix
                 self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
                 if self.config.tie_word_embeddings:
                     # Token lookups read rows; a transposed table would scatter every one of them.
                     self.embed_rows = self.model.embed_tokens.weight.detach().contiguous()
+        if cpu and self.model.norm.weight.dtype == torch.float32:
+            self.cpu_decoder = CpuDecoder(self)  # views of the weights as they are now laid out
         return self
 
     def weight_bytes(self) -> int:

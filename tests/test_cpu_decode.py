@@ -1,0 +1,111 @@
+"""The numpy decode step (engine.kernels.cpu_decode) against the model's torch path, and its use.
+
+The torch path is itself checked against a contiguous forward and against Hugging Face in
+test_engine_paged.py and test_engine_peer.py; here the two CPU paths must agree on logits and on
+what they write into the cache, over batch sizes, page sizes, ragged lengths and scattered tables.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import PRESETS
+from engine.kernels.cpu_decode import CpuDecoder, _pages
+from engine.model import AttentionMetadata, KVCache, Llama
+from engine.weights import load_model
+
+CFG = replace(PRESETS["tiny"], initializer_range=0.3)  # logits spread over units: 1e-4 bites
+
+
+@pytest.fixture(scope="module")
+def model() -> Llama:
+    return load_model("tiny", 0, torch.device("cpu"), torch.float32, CFG)
+
+
+def _decode_inputs(model: Llama, lens: list[int], block_size: int, num_blocks: int,
+                   scattered: bool, seed: int) -> tuple[KVCache, torch.Tensor, torch.Tensor,
+                                                        AttentionMetadata]:
+    """A cache full of finite garbage and one decode token per sequence at the end of `lens`."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache(model.config, num_blocks, block_size, torch.float32, torch.device("cpu"))
+    cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
+    order = torch.randperm(num_blocks, generator=gen) if scattered else torch.arange(num_blocks)
+    tables, start = [], 0
+    for n in lens:
+        pages = -(-n // block_size)
+        tables.append(order[start:start + pages].tolist())
+        start += pages
+    width = max(len(t) for t in tables)
+    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+             for t, n in zip(tables, lens)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), num_decodes=len(lens),
+        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        decode_context_lens=torch.tensor(lens), prefills=[])
+    ids = torch.randint(0, CFG.vocab_size, (len(lens),), generator=gen)
+    return cache, ids, torch.tensor(lens) - 1, meta
+
+
+def _run(model: Llama, use_numpy: bool, cache: KVCache, ids: torch.Tensor,
+         positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    saved = model.cpu_decoder
+    model.cpu_decoder = saved if use_numpy else None
+    try:
+        return model(ids, positions, cache, meta, torch.arange(len(ids)))
+    finally:
+        model.cpu_decoder = saved
+
+
+def test_prepared_cpu_model_gets_the_numpy_step(model: Llama) -> None:
+    assert isinstance(model.cpu_decoder, CpuDecoder)
+    # The decoder reads the parameters' own memory: no second copy of the weights.
+    layer = model.model.layers[0]
+    assert np.shares_memory(model.cpu_decoder.layers[0].down,
+                            layer.mlp.down_proj.weight.detach().numpy())
+    assert np.shares_memory(model.cpu_decoder.layers[0].qkv,
+                            layer.self_attn.q_proj.weight.detach().numpy())
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+@pytest.mark.parametrize("lens", [[1], [13], [5, 40, 17], [2, 9, 33, 64, 1, 7, 16, 30]])
+@pytest.mark.parametrize("scattered", [False, True])
+def test_numpy_step_matches_torch_path(model: Llama, block_size: int, lens: list[int],
+                                       scattered: bool) -> None:
+    num_blocks = sum(-(-n // block_size) for n in lens) + 5
+    first = _decode_inputs(model, lens, block_size, num_blocks, scattered, seed=len(lens))
+    second = _decode_inputs(model, lens, block_size, num_blocks, scattered, seed=len(lens))
+    got = _run(model, True, *first)
+    want = _run(model, False, *second)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # Both wrote the new token's K/V into the same slots, and nothing else.
+    torch.testing.assert_close(first[0].k, second[0].k, atol=1e-5, rtol=0)
+    torch.testing.assert_close(first[0].v, second[0].v, atol=1e-5, rtol=0)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+def test_pages_view_only_for_runs_in_order() -> None:
+    cache = np.arange(10 * 2).reshape(10, 2)
+    run = _pages(cache, [3, 4, 5])
+    assert np.shares_memory(run, cache) and run.tolist() == [[6, 7], [8, 9], [10, 11]]
+    gathered = _pages(cache, [5, 3, 4])
+    assert not np.shares_memory(gathered, cache)
+    assert gathered.tolist() == [[10, 11], [6, 7], [8, 9]]
+    assert _pages(cache, [7]).tolist() == [[14, 15]]
+
+
+def test_silu_holds_for_very_negative_gates(model: Llama) -> None:
+    """exp(-x) overflows float32 past x = -88; the step must stay finite and warning-free."""
+    cache, ids, positions, meta = _decode_inputs(model, [6], 4, 4, False, seed=3)
+    layer = model.cpu_decoder.layers[0]
+    saved = layer.ln_mlp
+    layer.ln_mlp = saved * 1e4  # pushes some gates far below -88
+    try:
+        with np.errstate(all="raise"):
+            logits = _run(model, True, cache, ids, positions, meta)
+    finally:
+        layer.ln_mlp = saved
+    assert torch.isfinite(logits).all()
