@@ -9,6 +9,7 @@ reads through.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.hugepages import HugePageArena
 from engine.kernels.cpu_decode import CpuDecoder
 from engine.kernels.paged_attention import paged_decode_attention
 
@@ -67,23 +69,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-def fuse_linears(linears: list[nn.Linear], transposed: bool) -> torch.Tensor:
+# Makes an empty (rows, cols) weight; with `transposed`, stored (cols, rows) in memory.
+Place = Callable[[int, int, bool], torch.Tensor]
+
+
+def plain_place(like: torch.Tensor) -> Place:
+    """Ordinary allocations on `like`'s device and dtype."""
+    def place(rows: int, cols: int, transposed: bool) -> torch.Tensor:
+        shape = (cols, rows) if transposed else (rows, cols)
+        t = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return t.t() if transposed else t
+    return place
+
+
+def fuse_linears(linears: list[nn.Linear], place: Place, transposed: bool) -> torch.Tensor:
     """One (sum of outs, in) weight for several bias-free linears that read the same input.
 
     Each linear's weight is rebound as a view into the fused tensor, so `state_dict` keeps Hugging
     Face's names and shapes while the forward pass runs one matrix product instead of several.
-    With `transposed`, the fused weight is stored (in, out) in memory (see `Llama.prepare`).
     """
+    rows = sum(m.weight.shape[0] for m in linears)
+    fused = place(rows, linears[0].weight.shape[1], transposed)
     with torch.no_grad():
-        fused = torch.cat([m.weight for m in linears], dim=0)  # (sum_out, in)
-        if transposed:
-            fused = fused.t().contiguous().t()
         start = 0
         for m in linears:
-            rows = m.weight.shape[0]
-            m.weight.data = fused[start:start + rows]
-            start += rows
+            n = m.weight.shape[0]
+            fused[start:start + n].copy_(m.weight)
+            m.weight.data = fused[start:start + n]
+            start += n
     return fused
+
+
+def move_weight(linear: nn.Linear, place: Place, transposed: bool) -> None:
+    """Rebind a linear's weight to memory from `place`, in the layout asked for."""
+    with torch.no_grad():
+        moved = place(*linear.weight.shape, transposed)
+        moved.copy_(linear.weight)
+        linear.weight.data = moved
 
 
 class RMSNorm(nn.Module):
@@ -138,12 +160,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.d_head, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.d_head, d, bias=False)
         self.scale = self.d_head ** -0.5
-        self.fuse(transposed=False)
+        self.fuse(plain_place(self.q_proj.weight), transposed=False)
 
-    def fuse(self, transposed: bool) -> None:
+    def fuse(self, place: Place, transposed: bool) -> None:
         # A non-persistent buffer: moved by .to() with the module, absent from state_dict.
         self.register_buffer("qkv_weight", fuse_linears(
-            [self.q_proj, self.k_proj, self.v_proj], transposed), persistent=False)
+            [self.q_proj, self.k_proj, self.v_proj], place, transposed), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -195,11 +217,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fuse(transposed=False)
+        self.fuse(plain_place(self.gate_proj.weight), transposed=False)
 
-    def fuse(self, transposed: bool) -> None:
+    def fuse(self, place: Place, transposed: bool) -> None:
         self.register_buffer("gate_up_weight", fuse_linears(
-            [self.gate_proj, self.up_proj], transposed), persistent=False)
+            [self.gate_proj, self.up_proj], place, transposed), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self.gate_up_weight).chunk(2, dim=-1)  # (N, F) each
@@ -273,24 +295,36 @@ class Llama(nn.Module):
         fastest (parameters keep their (out, in) shapes, as views). On a 2-core EPYC, matrices
         with a wide output (q/k/v, gate/up, o, the LM head) read at 20-34 GB/s stored (in, out)
         against 12-23 GB/s stored (out, in); the down projection, with its long input, is the
-        other way round (28 against 22 GB/s), so it keeps Hugging Face's layout. An fp32 CPU
-        model also gets its numpy decode step (`engine.kernels.cpu_decode`)."""
-        cpu = next(self.parameters()).device.type == "cpu"
-        with torch.no_grad():
-            for layer in self.model.layers:
-                layer.self_attn.fuse(transposed=cpu)
-                layer.mlp.fuse(transposed=cpu)
-                if cpu:
-                    o_proj = layer.self_attn.o_proj
-                    o_proj.weight.data = o_proj.weight.data.t().contiguous().t()
-            if cpu:  # tied or not: the LM head is the biggest single matrix
-                self.lm_head.weight.data = self.lm_head.weight.data.t().contiguous().t()
-                if self.config.tie_word_embeddings:
-                    # Token lookups read rows; a transposed table would scatter every one of them.
-                    self.embed_rows = self.model.embed_tokens.weight.detach().contiguous()
-        if cpu and self.model.norm.weight.dtype == torch.float32:
+        other way round (28 against 22 GB/s), so it keeps Hugging Face's layout. On the CPU the
+        matrices also move into huge-page memory (`engine.hugepages`), and an fp32 model gets
+        its numpy decode step (`engine.kernels.cpu_decode`)."""
+        weight = self.lm_head.weight
+        cpu = weight.device.type == "cpu"
+        place = self._arena_place() if cpu else plain_place(weight)
+        for layer in self.model.layers:
+            layer.self_attn.fuse(place, transposed=cpu)
+            layer.mlp.fuse(place, transposed=cpu)
+            if cpu:
+                move_weight(layer.self_attn.o_proj, place, transposed=True)
+                move_weight(layer.mlp.down_proj, place, transposed=False)
+        if cpu:  # tied or not: the LM head is the biggest single matrix
+            move_weight(self.lm_head, place, transposed=True)
+            if self.config.tie_word_embeddings:
+                # Token lookups read rows; a transposed table would scatter every one of them.
+                self.embed_rows = self.model.embed_tokens.weight.detach().contiguous()
+        if cpu and weight.dtype == torch.float32:
             self.cpu_decoder = CpuDecoder(self)  # views of the weights as they are now laid out
         return self
+
+    def _arena_place(self) -> Place:
+        """Placement from one huge-page arena sized for every matrix a decode step reads."""
+        dtype = self.lm_head.weight.dtype
+        linears = [self.lm_head] + [m for layer in self.model.layers for m in (
+            layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+            layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+        # Fused matrices are one allocation each, so per-linear sizes plus alignment bound them.
+        arena = HugePageArena(sum(HugePageArena.size_of(m.weight.shape, dtype) for m in linears))
+        return lambda rows, cols, transposed: arena.empty(rows, cols, dtype, transposed)
 
     def weight_bytes(self) -> int:
         """Bytes a decode step reads for weights: all parameters (a tied matrix once), less an

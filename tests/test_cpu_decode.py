@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from engine.config import PRESETS
+from engine.hugepages import HugePageArena
 from engine.kernels.cpu_decode import CpuDecoder, _pages
 from engine.model import AttentionMetadata, KVCache, Llama
 from engine.weights import load_model
@@ -109,3 +110,34 @@ def test_silu_holds_for_very_negative_gates(model: Llama) -> None:
     finally:
         layer.ln_mlp = saved
     assert torch.isfinite(logits).all()
+
+
+def test_arena_hands_out_aligned_tensors_in_the_layout_asked_for() -> None:
+    arena = HugePageArena(1000)
+    plain = arena.empty(3, 5, torch.float32, transposed=False)
+    turned = arena.empty(3, 5, torch.float32, transposed=True)
+    assert plain.shape == turned.shape == (3, 5)
+    assert plain.stride() == (5, 1) and turned.stride() == (1, 3)
+    assert plain.data_ptr() % 64 == 0 and turned.data_ptr() % 64 == 0
+    assert turned.data_ptr() - plain.data_ptr() == 64  # 60 bytes, rounded up to a cache line
+    turned.copy_(torch.arange(15.0).view(3, 5))
+    assert turned.tolist() == torch.arange(15.0).view(3, 5).tolist()
+    with pytest.raises(MemoryError):
+        arena.empty(1 << 20, 1, torch.float32, transposed=False)
+
+
+def test_prepared_cpu_matrices_share_one_arena(model: Llama) -> None:
+    """Every matrix a decode step streams sits in the one huge-page mapping, in the layout the
+    decode step was tuned for; the state dict still has Hugging Face's shapes."""
+    layer = model.model.layers[0]
+    mats = [model.lm_head.weight] + [m for block in model.model.layers for m in (
+        block.self_attn.qkv_weight, block.self_attn.o_proj.weight, block.mlp.gate_up_weight,
+        block.mlp.down_proj.weight)]
+    low = min(m.data_ptr() for m in mats)
+    high = max(m.data_ptr() + m.nbytes for m in mats)
+    packed = sum(HugePageArena.size_of(m.shape, m.dtype) for m in mats)
+    assert high - low <= packed  # back to back in one region, not scattered allocations
+    assert layer.mlp.down_proj.weight.is_contiguous()  # (out, in): long-input matrices
+    assert layer.self_attn.o_proj.weight.t().is_contiguous()  # (in, out): wide-output ones
+    assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (
+        CFG.num_key_value_heads * CFG.head_dim, CFG.hidden_size)
