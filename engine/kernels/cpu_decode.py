@@ -13,6 +13,7 @@ arithmetic matches `engine.model` operation for operation, in fp32.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,9 @@ class CpuDecoder:
 
     def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         """RMSNorm over the last axis: (B, d) -> (B, d)."""
+        if x.shape[0] == 1:  # batch 1: the scale is a Python float, two array operations fewer
+            row = x[0]
+            return x * (weight * (1.0 / math.sqrt(float(row @ row) / row.shape[0] + self.eps)))
         return x * (weight / np.sqrt(np.vecdot(x, x) / x.shape[1] + self.eps)[:, None])
 
     def __call__(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
