@@ -81,11 +81,13 @@ class DemoController:
             pn.state.execute(partial(fn, *args), schedule=True)
 
     # -- submitting ----------------------------------------------------------------------------
+    # Panel runs onload callbacks and param watchers on a thread pool under `--num-threads`;
+    # submit() and _draw() change Bokeh models, which only the session's event loop may do.
     def start(self) -> None:
-        self.submit()
+        self._hop(self.submit)
 
     def _on_controls(self, *_events) -> None:
-        self.submit()
+        self._hop(self.submit)
 
     def submit(self) -> None:
         key = self.state.key()
@@ -169,6 +171,10 @@ class DemoController:
             listener(trace, summary)
 
     def _on_slo(self, *_events) -> None:
+        self._hop(self._redraw)
+
+    def _redraw(self) -> None:
+        """The shown run again, under the SLOs as they are now."""
         if self.trace is not None:
             self._draw(self.trace)
 

@@ -255,3 +255,20 @@ def test_device_banner_and_notice():
     assert not n.alert.visible
     with pytest.raises(ValueError):
         n.show("x", "loud")
+
+
+def test_redraws_change_ticks_in_place_instead_of_new_tickers(run):
+    """A new Bokeh model per redraw costs every open page a model swap; the tickers stay put."""
+    trace, summary, slo, _ = run
+    tpot = TPOTBatchPlot()
+    ticker = tpot.fig.xaxis[0].ticker
+    tpot.show_sweep([(1, 2.0)], [(1, 0.5), (2, 0.6)], 1, pending=True)
+    tpot.show_sweep([(1, 2.0), (4, 3.0)], [(1, 0.5), (2, 0.6), (4, 0.8)], 1, pending=False)
+    assert tpot.fig.xaxis[0].ticker is ticker and list(ticker.ticks) == [1, 2, 4]
+    pages = PageMap()
+    row_ticker = pages.fig.yaxis[0].ticker
+    pages.show(trace, summary, slo)
+    rows = list(row_ticker.ticks)
+    pages.show(trace, summary, slo)
+    assert pages.fig.yaxis[0].ticker is row_ticker and list(row_ticker.ticks) == rows
+    assert rows and rows[0] == 0.5

@@ -97,6 +97,10 @@ class PageMap(PlotComponent):
         self.fig.grid.visible = False
         self.fig.xaxis.ticker = FixedTicker(ticks=[i + 0.5 for i in range(0, COLS, 4)])
         self.fig.xaxis.major_label_overrides = {i + 0.5: str(i) for i in range(0, COLS, 4)}
+        # One ticker for the figure's life: a new Bokeh model per run costs every open page a
+        # model replacement, where changing `ticks` sends one property.
+        self._row_ticks = FixedTicker(ticks=[])
+        self.fig.yaxis.ticker = self._row_ticks
         cells = self.fig.rect("x", "y", width=0.92, height=0.85, source=self.cells,
                               fill_color="color", fill_alpha="alpha", line_color=None)
         marks = self.fig.rect("x", "y", width="width", height=0.85, source=self.waste,
@@ -135,8 +139,10 @@ class PageMap(PlotComponent):
         cells, waste, shown = page_grid(snap)
         rows = shown // COLS
         self.fig.y_range.update(start=rows, end=0)
-        self.fig.yaxis.ticker = FixedTicker(ticks=[r + 0.5 for r in range(rows)])
-        self.fig.yaxis.major_label_overrides = {r + 0.5: str(r * COLS) for r in range(rows)}
+        ticks = [r + 0.5 for r in range(rows)]
+        if self._row_ticks.ticks != ticks:  # unchanged rows send nothing to the browser
+            self._row_ticks.ticks = ticks
+            self.fig.yaxis.major_label_overrides = {r + 0.5: str(r * COLS) for r in range(rows)}
         self.fig.height = min(420, 130 + 28 * rows)
         self.cells.data, self.waste.data = cells, waste
         self.waste_measured = sum(snap.waste(r) for r in snap.tables)
