@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -58,9 +59,13 @@ class DeviceProbe:
         return self.matmul_tflops * 1e12
 
 
-def _best_time(fn, device: torch.device, repeats: int) -> float:
+def _median_time(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of `fn` after one warm-up call. The median, not the best: on a shared
+    machine a reading can come out far faster than the memory sustains (one benchmark run's
+    probe said 51 GB/s on a host whose reads otherwise measure 30-32), and a floor resting on
+    the best repeat inherits any such outlier."""
     fn()  # warm caches and allocators
-    best = math.inf
+    times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -68,8 +73,8 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t)
-    return best
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,13 +86,13 @@ def probe(device_type: str = "cpu") -> DeviceProbe:
     # Decode streams weights and KV in and writes almost nothing back, so the roofline's
     # bandwidth is the read rate: bytes of a large buffer reduced per second.
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    t_read = _best_time(lambda: src.sum(), device, repeats=5)
+    t_read = _median_time(lambda: src.sum(), device, repeats=5)
     bandwidth = n_bytes / t_read / 1e9
     del src
     dtype = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    t_mm = _best_time(lambda: a @ b, device, repeats=5)
+    t_mm = _median_time(lambda: a @ b, device, repeats=5)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU: {torch.get_num_threads()} threads"
     return DeviceProbe(device=name, bandwidth_gbs=bandwidth, matmul_tflops=2 * n**3 / t_mm / 1e12)

@@ -40,6 +40,7 @@ BATCH_LABEL = "Batch size"  # the batch slider's title starts so
 
 # Installed in every page before its scripts run. Panel draws widgets inside shadow roots, so the
 # helpers search through them; the observer watches the summary table's shadow root.
+STATUS_GRACE_MS = 5000  # how long the status line may trail the table
 PAGE_JS = """
 (() => {
   const lab = window.__lab = {armed: false, actAt: null, doneAt: null, before: null, root: null};
@@ -206,11 +207,14 @@ class Client:
             await page.wait_for_function("window.__lab.check()", polling=200,
                                          timeout=self.timeout_ms)
             ms = await page.evaluate("window.__lab.doneAt - window.__lab.actAt")
-            status = await page.evaluate("window.__lab.status()")
         except Exception as err:
             self.tally.error(i, f"move failed: {type(err).__name__}: {str(err)[:200]}")
             return None
-        if not status.startswith(DONE_PREFIX):
+        try:  # the status line is its own pane and may render a moment after the table
+            await page.wait_for_function(f"window.__lab.status().startsWith('{DONE_PREFIX}')",
+                                         polling=100, timeout=STATUS_GRACE_MS)
+        except Exception:
+            status = await page.evaluate("window.__lab.status()")
             self.tally.error(i, f"move ended with status {status!r}")
         self.tally.latency_ms.append(ms)
         return ms
@@ -248,8 +252,9 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
         for key in keys[:2]:
             await client.move(-1, warm, key)
         await wait_idle(url, warm, timeout_s * 4)
-        tally.open_s.clear()
+        tally.open_s.clear()  # the warm-up measured uncached settings: none of it counts
         tally.latency_ms.clear()
+        tally.errors.clear()
         rss_before = rss_kb(server_pid)
         diag_before = diagnostics(url)
 
