@@ -49,6 +49,7 @@ class DeviceProbe:
     device: str
     bandwidth_gbs: float  # GB/s read by a large reduction (decode's traffic is reads)
     matmul_tflops: float  # dense matmul in the engine's dtype
+    read_samples_gbs: tuple[float, ...] = ()  # every timed read, so an odd reading shows
 
     @property
     def bandwidth_bytes_s(self) -> float:
@@ -59,11 +60,11 @@ class DeviceProbe:
         return self.matmul_tflops * 1e12
 
 
-def _median_time(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of `fn` after one warm-up call. The median, not the best: on a shared
-    machine a reading can come out far faster than the memory sustains (one benchmark run's
-    probe said 51 GB/s on a host whose reads otherwise measure 30-32), and a floor resting on
-    the best repeat inherits any such outlier."""
+def _times(fn, device: torch.device, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn`, after one warm-up call. The probe takes their
+    median, not the best: on a shared host a reading can come out far above what the memory
+    sustains (two benchmark runs' probes said 48-51 GB/s on a host whose reads otherwise
+    measure 24-32), and a floor resting on the best repeat inherits any such outlier."""
     fn()  # warm caches and allocators
     times = []
     for _ in range(repeats):
@@ -74,7 +75,7 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,13 +87,13 @@ def probe(device_type: str = "cpu") -> DeviceProbe:
     # Decode streams weights and KV in and writes almost nothing back, so the roofline's
     # bandwidth is the read rate: bytes of a large buffer reduced per second.
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    t_read = _median_time(lambda: src.sum(), device, repeats=5)
-    bandwidth = n_bytes / t_read / 1e9
+    reads = [n_bytes / t / 1e9 for t in _times(lambda: src.sum(), device, repeats=5)]
     del src
     dtype = torch.bfloat16 if cuda else torch.float32
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
-    t_mm = _median_time(lambda: a @ b, device, repeats=5)
+    t_mm = statistics.median(_times(lambda: a @ b, device, repeats=5))
     name = torch.cuda.get_device_name(device) if cuda else f"CPU: {torch.get_num_threads()} threads"
-    return DeviceProbe(device=name, bandwidth_gbs=bandwidth, matmul_tflops=2 * n**3 / t_mm / 1e12)
+    return DeviceProbe(device=name, bandwidth_gbs=statistics.median(reads),
+                       matmul_tflops=2 * n**3 / t_mm / 1e12, read_samples_gbs=tuple(reads))

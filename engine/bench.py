@@ -84,7 +84,9 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
                                     max_num_batched_tokens=512))
     log(f"device {engine.device_name}, model {model}")
     probe = analytic.probe(engine.device.type)
-    log(f"probe: {probe.bandwidth_gbs:.1f} GB/s, {probe.matmul_tflops:.3f} TFLOP/s")
+    reads = ", ".join(f"{r:.1f}" for r in probe.read_samples_gbs)
+    log(f"probe: {probe.bandwidth_gbs:.1f} GB/s (median of {reads}), "
+        f"{probe.matmul_tflops:.3f} TFLOP/s")
     peer = hf_llama_like(engine.model)
     prompt_len = 128
     results: dict[str, float] = {}
@@ -108,7 +110,8 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
         "device": engine.device_name,
         "model": model,
         "roofline": {"bandwidth_gbs": probe.bandwidth_gbs, "tpot_floor_ms": floor * 1e3,
-                     "tpot_ms": tpot_b1 * 1e3, "ratio": tpot_b1 / floor},
+                     "tpot_ms": tpot_b1 * 1e3, "ratio": tpot_b1 / floor,
+                     "bandwidth_samples_gbs": list(probe.read_samples_gbs)},
         "vs_hf": {"tpot_ratio_b1": results["tpot_ms_engine_b1"] / results["tpot_ms_hf_b1"],
                   "tpot_ratio_b8": results["tpot_ms_engine_b8"] / results["tpot_ms_hf_b8"],
                   "throughput_ratio_mixed": ours_tp / hf_tp},
