@@ -16,6 +16,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import ConfigError, EngineConfig
+from engine.cpu_threads import one_torch_thread
 from engine.cuda_graphs import DecodeGraphs, graphs_supported
 from engine.model import KVCache, Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
@@ -79,7 +80,8 @@ class LLMEngine:
             raise ConfigError(f"cannot allocate a KV cache of {self.num_blocks * self.block_bytes} "
                               f"bytes on {self.device.type}; lower the KV budget") from None
         self.device_name = describe_device(self.device)
-        self._warm_up()
+        with one_torch_thread(self.device):
+            self._warm_up()
         # Captured after the eager warm-up, every ladder size at once: see DecodeGraphs.
         self.graphs = (DecodeGraphs(self.model, self.cache, config.max_num_seqs, self.max_len,
                                     scratch_block=self.num_blocks, capture=True)
@@ -142,6 +144,12 @@ class LLMEngine:
             on_step: Callable[[StepRecord], None] | None = None,
             cancel: threading.Event | None = None) -> Trace:
         """Serve every request of `workload`; `on_step` sees each step's record as it happens."""
+        with one_torch_thread(self.device):
+            return self._serve(workload, on_step, cancel)
+
+    def _serve(self, workload: WorkloadSpec | Seq[Request],
+               on_step: Callable[[StepRecord], None] | None,
+               cancel: threading.Event | None) -> Trace:
         requests = (make_requests(workload, self.model_config.vocab_size)
                     if isinstance(workload, WorkloadSpec) else list(workload))
         if not requests:

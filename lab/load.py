@@ -8,6 +8,10 @@ polling adds nothing). A warm-up session first visits every setting the moves wi
 measured moves are cached settings: what a class pays when everyone moves to a setting someone
 already ran.
 
+`--protocol-sessions N` adds N sessions driven over Bokeh's websocket protocol instead of by a
+browser (`lab/load_protocol.py`): real server sessions whose clients cost the machine little, so a
+small machine can still play a whole class against its own server.
+
 `--churn N` instead opens and closes N sessions in waves and reports, from the server's
 /diagnostics endpoint (`--plugins lab.diagnostics`), what is left afterwards.
 
@@ -29,6 +33,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from lab.load_protocol import ProtocolClass
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -238,7 +244,7 @@ async def wait_idle(url: str, warm_page, timeout_s: float) -> None:
 
 async def load(url: str, sessions: int, moves: int, server_pid: int | None, stagger_s: float,
                opening: int, think_s: float, burst: bool, timeout_s: float, seed: int,
-               light: bool) -> dict:
+               light: bool, protocol: int = 0) -> dict:
     from playwright.async_api import async_playwright
     tally = Tally()
     client = Client(url, timeout_s, tally, light)
@@ -266,7 +272,15 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
                 return await client.open(i)
 
         t0 = time.monotonic()
+        # Protocol sessions (lab/load_protocol.py) play the rest of the class from threads: they
+        # open alongside the browsers and start moving with them; their latencies are kept apart.
+        others = ProtocolClass(url, protocol, moves, think_s, timeout_s, stagger_s, seed) \
+            if protocol else None
+        if others is not None:
+            others.open()
         pages = await asyncio.gather(*(open_one(i) for i in range(sessions)))
+        if others is not None:
+            await asyncio.to_thread(others.wait_opened)
         open_wall = time.monotonic() - t0
         rss_open = rss_kb(server_pid)
         live = [(i, pg) for i, pg in enumerate(pages) if pg is not None]
@@ -278,11 +292,16 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
                 await client.move(i, page, key)
 
         t1 = time.monotonic()
+        protocol_job = None
+        if others is not None:
+            others.start()
+            protocol_job = asyncio.ensure_future(asyncio.to_thread(others.join))
         if burst:  # the whole class moves at the same moment, move after move
             for key in keys:
                 await asyncio.gather(*(client.move(i, pg, key) for i, pg in live))
         else:
             await asyncio.gather(*(walk(i, pg) for i, pg in live))
+        protocol_tally = await protocol_job if protocol_job is not None else None
         moves_wall = time.monotonic() - t1
         machine_after = cpu_ticks()
         server_cpu = (cpu_ticks(server_pid)[0] - server_before) / os.sysconf("SC_CLK_TCK") \
@@ -307,6 +326,11 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
                    round((rss_open - rss_before) / 1024 / len(live), 2),
                    "cpu_s_during_moves": None if server_cpu is None else round(server_cpu, 1)},
         "machine_cpu_busy_during_moves": round(busy, 2),
+        "protocol": None if protocol_tally is None else {
+            "sessions": protocol, "opened": protocol_tally.opened,
+            "latency_ms": stats(protocol_tally.latency_ms),
+            "all_latency_ms": stats(protocol_tally.latency_ms + tally.latency_ms),
+            "errors": len(protocol_tally.errors), "error_samples": protocol_tally.errors[:10]},
         "diagnostics_before": diag_before, "diagnostics_after": diag_after,
         "machine": machine(),
     }
@@ -382,6 +406,16 @@ def table(result: dict) -> str:
             ("machine CPU busy during moves", f"{result['machine_cpu_busy_during_moves']:.0%}"),
             ("machine", f"{result['machine']['nproc']} x {result['machine']['cpu_model']}, "
                         f"load average {result['machine']['loadavg_1min']} at the end")]
+    proto = result.get("protocol")
+    if proto:
+        plat, alat = proto["latency_ms"], proto["all_latency_ms"]
+        rows += [("protocol sessions opened", f"{proto['opened']} of {proto['sessions']}"),
+                 ("protocol moves p50 / p95 / max (ms)",
+                  f"{plat.get('p50', 0):.0f} / {plat.get('p95', 0):.0f} / "
+                  f"{plat.get('max', 0):.0f} ({plat['n']} moves)"),
+                 ("all moves p50 / p95 (ms)",
+                  f"{alat.get('p50', 0):.0f} / {alat.get('p95', 0):.0f} ({alat['n']} moves)"),
+                 ("protocol errors", str(proto["errors"]))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -407,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=0,
                     help="lower this client's (and chromium's) CPU priority by N, so a server on "
                          "the same machine is not starved by the browsers")
+    ap.add_argument("--protocol-sessions", type=int, default=0, metavar="N",
+                    help="N more sessions over Bokeh's websocket protocol, without a browser "
+                         "(lab/load_protocol.py): a class on a machine too small for N browsers")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     if args.nice:
@@ -417,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if result["errors"] == 0 else 1
     result = asyncio.run(load(args.url, args.sessions, args.moves, args.server_pid, args.stagger,
                               args.opening, args.think, args.burst, args.timeout, args.seed,
-                              args.light))
+                              args.light, args.protocol_sessions))
     print(json.dumps(result, indent=2) if args.json else table(result))
-    return 0 if result["errors"] == 0 else 1
+    failed = result["errors"] + (result["protocol"] or {}).get("errors", 0)
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

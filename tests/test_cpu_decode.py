@@ -141,3 +141,21 @@ def test_prepared_cpu_matrices_share_one_arena(model: Llama) -> None:
     assert layer.self_attn.o_proj.weight.t().is_contiguous()  # (in, out): wide-output ones
     assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (
         CFG.num_key_value_heads * CFG.head_dim, CFG.hidden_size)
+
+
+def test_engine_runs_with_one_torch_thread_and_gives_the_others_back() -> None:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.workload import WorkloadSpec
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = LLMEngine(EngineConfig(model="tiny", device="cpu"))
+        seen: list[int] = []
+        engine.run(WorkloadSpec(num_requests=2, prompt_len=5, output_len=3),
+                   on_step=lambda _step: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2  # the benchmark's peer and the probe keep theirs
+    finally:
+        torch.set_num_threads(before)
