@@ -32,6 +32,7 @@ from widgets.timeline_plot import TimelinePlot
 from widgets.tpot_batch_plot import TPOTBatchPlot
 
 RUN_CONTROLS = ("batch", "context", "page", "output", "model")
+QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
 
 
 class DemoController:
@@ -216,10 +217,14 @@ class DemoController:
                                    pending=len(points) < len(expected))
 
     # -- queue position ------------------------------------------------------------------------
+    # Bokeh's own periodic callback on the session's document, not Panel's wrapper: these run on
+    # the loop already (submit is hopped there), and Panel's PeriodicCallback.start, called from a
+    # scheduled callback, kept rescheduling itself on every tick when it judged the document
+    # blocked; with a dozen sessions that spin took the server's whole event loop.
     def _watch_queue(self) -> None:
         self._update_queue()
         if self._doc is not None and self._queue_cb is None and self.state.status == "queued":
-            self._queue_cb = pn.state.add_periodic_callback(self._update_queue, period=500)
+            self._queue_cb = self._doc.add_periodic_callback(self._update_queue, QUEUE_REFRESH_MS)
 
     def _update_queue(self) -> None:
         position = self.service.queue_position(self.session)
@@ -229,9 +234,12 @@ class DemoController:
             self._stop_queue_watch()
 
     def _stop_queue_watch(self) -> None:
-        if self._queue_cb is not None:
-            self._queue_cb.stop()
-            self._queue_cb = None
+        callback, self._queue_cb = self._queue_cb, None
+        if callback is not None and self._doc is not None:
+            try:
+                self._doc.remove_periodic_callback(callback)
+            except ValueError:  # the session already dropped its callbacks
+                pass
 
     def close(self) -> None:
         """The session ended: stop callbacks and tell the service nobody here listens."""

@@ -48,6 +48,17 @@ def live_objects() -> dict[str, int]:
     return {k.__name__: counts.get(k.__name__, 0) for k in kinds}
 
 
+def periodic_callbacks(server=None) -> int:
+    """Running periodic callbacks: Panel's, plus those added on sessions' documents directly."""
+    from bokeh.server.callbacks import PeriodicCallback
+    count = sum(cb.running for cbs in pn.state._periodic.values() for cb in cbs)
+    for path in (server.app_paths if server else ()):
+        for session in server.get_sessions(path):
+            count += sum(isinstance(cb, PeriodicCallback)
+                         for cb in session.document.session_callbacks)
+    return count
+
+
 def snapshot(server=None, deep: bool = False) -> dict:
     """Everything the endpoint reports; `server` is the BokehTornado application, if any."""
     sessions = {path: len(server.get_sessions(path)) for path in server.app_paths} if server else {}
@@ -56,7 +67,7 @@ def snapshot(server=None, deep: bool = False) -> dict:
         "sessions": sum(sessions.values()), "sessions_by_app": sessions,
         "threads": status["Threads"], "python_threads": thread_names(),
         "rss_kb": status["VmRSS"], "peak_rss_kb": status["VmHWM"],
-        "periodic_callbacks": sum(cb.running for cbs in pn.state._periodic.values() for cb in cbs),
+        "periodic_callbacks": periodic_callbacks(server),
         "panel_views": len(pn.state._views),
         "service": shared.service().stats(),
         "classroom": shared.classroom().stats(),

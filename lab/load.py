@@ -276,8 +276,6 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
         # open alongside the browsers and start moving with them; their latencies are kept apart.
         others = ProtocolClass(url, protocol, moves, think_s, timeout_s, stagger_s, seed) \
             if protocol else None
-        if others is not None:
-            others.open()
         pages = await asyncio.gather(*(open_one(i) for i in range(sessions)))
         if others is not None:
             await asyncio.to_thread(others.wait_opened)
@@ -310,6 +308,7 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
         diag_after = diagnostics(url)
         await client.browser.close()
     busy = (machine_after[0] - machine_before[0]) / max(1, machine_after[1] - machine_before[1])
+    opened = len(live) + (protocol_tally.opened if protocol_tally is not None else 0)
     mb = (lambda kb: None if kb is None else round(kb / 1024, 1))
     return {
         "url": url, "sessions": sessions, "opened": len(live), "moves_per_session": moves,
@@ -322,8 +321,8 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
         "page_errors": len(tally.page_errors), "page_error_samples": tally.page_errors[:5],
         "server": {"pid": server_pid, "rss_before_mb": mb(rss_before),
                    "rss_after_open_mb": mb(rss_open), "rss_after_moves_mb": mb(rss_moves),
-                   "per_session_mb": None if rss_before is None or not live else
-                   round((rss_open - rss_before) / 1024 / len(live), 2),
+                   "per_session_mb": None if rss_before is None or not opened else
+                   round((rss_open - rss_before) / 1024 / opened, 2),
                    "cpu_s_during_moves": None if server_cpu is None else round(server_cpu, 1)},
         "machine_cpu_busy_during_moves": round(busy, 2),
         "protocol": None if protocol_tally is None else {

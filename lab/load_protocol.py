@@ -16,12 +16,16 @@ import asyncio
 import importlib
 import pkgutil
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 BATCH_TITLE = "Batch size"  # the batch slider's title starts so
-TABLE_MARK = "summary-table"  # the summary table's class; "summary-table stale" while a run is on
+TABLE_MARK = "summary-table"
+CLIENT_RECURSION = 200_000
+CLIENT_STACK_BYTES = 512 << 20  # virtual: only the pages a deep stack touches are ever used  # the summary table's class; "summary-table stale" while a run is on
 
 
 def register_models() -> None:
@@ -67,8 +71,10 @@ def run_session(i: int, url: str, moves: int, think_s: float, timeout_s: float,
 
     asyncio.set_event_loop(asyncio.new_event_loop())  # bokeh's client runs the thread's loop
     time.sleep(delay_s)
+    parts = urlsplit(url)  # a query (`?batch=1&...`) reaches the app as the session's arguments
     try:
-        session = pull_session(url=url)
+        session = pull_session(url=urlunsplit(parts._replace(query="")),
+                               arguments=dict(parse_qsl(parts.query)) or None)
     except Exception as err:  # refused or timed out: count it, the class goes on
         tally.error(i, f"open failed: {type(err).__name__}: {str(err)[:200]}")
         tally.arrived()
@@ -140,22 +146,30 @@ def run_session(i: int, url: str, moves: int, think_s: float, timeout_s: float,
 
 
 class ProtocolClass:
-    """`sessions` protocol sessions: `open()` them (`stagger_s` apart), `start()` their moves
-    together, `join()` until every one has made its moves or timed out."""
+    """`sessions` protocol sessions, opened (`stagger_s` apart) as soon as it is made; `start()`
+    their moves together, `join()` until every one has made its moves or timed out."""
 
     def __init__(self, url: str, sessions: int, moves: int, think_s: float, timeout_s: float,
                  stagger_s: float, seed: int) -> None:
         register_models()
         self.tally = ProtocolTally(expected=sessions)
         self.go = threading.Event()
-        self.threads = [threading.Thread(target=run_session, name=f"protocol-{i}", daemon=True,
-                                         args=(i, url, moves, think_s, timeout_s, i * stagger_s,
-                                               seed, self.tally, self.go))
-                        for i in range(sessions)]
+        # Bokeh's client handles each incoming message one Python call deeper than the last, so
+        # a session that receives a few thousand patches overflows the default recursion limit.
+        # Deep stacks for these threads only, and a limit to match.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), CLIENT_RECURSION))
+        previous = threading.stack_size(CLIENT_STACK_BYTES)
+        try:
+            self.threads = [threading.Thread(target=run_session, name=f"protocol-{i}",
+                                             daemon=True,
+                                             args=(i, url, moves, think_s, timeout_s,
+                                                   i * stagger_s, seed, self.tally, self.go))
+                            for i in range(sessions)]
+            for t in self.threads:
+                t.start()  # a thread takes its stack size when it starts
+        finally:
+            threading.stack_size(previous)
 
-    def open(self) -> None:
-        for t in self.threads:
-            t.start()
 
     def wait_opened(self) -> None:
         self.tally.all_arrived.wait()

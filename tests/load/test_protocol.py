@@ -1,0 +1,37 @@
+"""Protocol sessions (lab/load_protocol.py): real server sessions driven without a browser.
+
+Starts its own `panel serve`, opens two sessions over Bokeh's websocket protocol with cheap settings
+from the URL, moves each one's batch slider three times, and checks that every move was answered by
+a finished summary table and that the server held both sessions while they lived.
+"""
+from __future__ import annotations
+
+import pytest
+
+from lab.load import diagnostics
+from lab.load_protocol import ProtocolClass, _finished_table
+from tests.browser.conftest import ARTIFACTS, lab_server
+
+pytestmark = pytest.mark.browser  # it serves the app, like the browser tests (no chromium needed)
+CHEAP = "batch=1&context=16&page=16&output=2"
+
+
+def test_finished_table_ignores_a_stale_one() -> None:
+    assert _finished_table('&lt;table class=&quot;summary-table&quot;&gt;')
+    assert not _finished_table('&lt;table class=&quot;summary-table stale&quot;&gt;')
+    assert not _finished_table("table.summary-table.stale td {opacity: 0.45;}".replace(
+        "summary-table", "other"))
+
+
+@pytest.mark.timeout(300)
+def test_protocol_sessions_move_and_get_measured_tables() -> None:
+    ARTIFACTS.mkdir(exist_ok=True)  # the server's log goes there
+    with lab_server(extra=["--liveness", "--plugins", "lab.diagnostics"]) as url:
+        crowd = ProtocolClass(f"{url}?{CHEAP}", sessions=2, moves=3, think_s=0.2,
+                              timeout_s=90, stagger_s=0.2, seed=0)
+        crowd.wait_opened()
+        assert diagnostics(url)["sessions"] >= 2
+        crowd.start()
+        tally = crowd.join()
+    assert tally.opened == 2 and tally.errors == []
+    assert len(tally.latency_ms) == 6 and all(ms > 0 for ms in tally.latency_ms)
