@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("triton", reason="the dry run times the Triton kernel in triton's interpreter")
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("kernel_tests", "device_probe", "kernel_bandwidth", "bench", "serving")
+STEPS = ("kernel_tests", "device_probe", "kernel_bandwidth", "decode_graphs", "bench", "serving")
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
