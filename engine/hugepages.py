@@ -35,7 +35,7 @@ class HugePageArena:
     @staticmethod
     def size_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes one tensor takes in the arena, alignment included."""
-        n = torch.Size(shape).numel() * (torch.finfo(dtype).bits // 8)
+        n = torch.Size(shape).numel() * dtype.itemsize
         return -(-n // ALIGN) * ALIGN
 
     def empty(self, rows: int, cols: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:

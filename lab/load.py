@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from lab.load_protocol import ProtocolClass
+from lab.load_protocol import BATCH_TITLE, ProtocolClass
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -42,7 +42,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-quic", "--disable-renderer-backgrounding",
                  "--disable-background-timer-throttling"]
 DONE_PREFIX = "Measured"  # lab/demo_view.py STATUS_TEXT["done"] starts so
-BATCH_LABEL = "Batch size"  # the batch slider's title starts so
 
 # Installed in every page before its scripts run. Panel draws widgets inside shadow roots, so the
 # helpers search through them; the observer watches the summary table's shadow root.
@@ -205,7 +204,7 @@ class Client:
 
     async def move(self, i: int, page, key: str) -> float | None:
         """Press `key` on the batch slider; milliseconds until the table shows the new run."""
-        handle = page.locator(".bk-input-group").filter(has_text=BATCH_LABEL).locator(
+        handle = page.locator(".bk-input-group").filter(has_text=BATCH_TITLE).locator(
             ".noUi-handle")
         try:
             await page.evaluate("window.__lab.arm()")

@@ -18,28 +18,9 @@ from lab.content import load_content
 from lab.demo import DemoController
 from lab.runs import Limits, ModelShelf, RunKey, execute
 from lab.state import LabState
+from tests.fakes import FakeService
 
 TOKEN = "s3cret-Tok\u00e9n-42"
-
-
-class FakeService:
-    """Records what a session asks for; runs nothing."""
-
-    def __init__(self) -> None:
-        self.keys: list[RunKey] = []
-
-    def submit(self, session, key, run, on_done, on_step=None, background=False) -> None:
-        if not background:
-            self.keys.append(key)
-
-    def forget(self, session) -> None:
-        pass
-
-    def drop_background(self, session) -> None:
-        pass
-
-    def queue_position(self, session) -> int:
-        return 0
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from lab.demo import DemoController
 from lab.runs import Limits, ModelShelf, RunKey, check_run, execute, kv_need_bytes
 from lab.service import EngineService, Outcome
 from lab.state import LabState
+from tests.fakes import FakeService
 
 FAST = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -99,25 +100,6 @@ def test_check_run_answers_none_or_a_sentence_and_refuses_what_does_not_fit(key)
             assert why is not None
     if min(key.batch, key.context, key.page, key.output) < 1:
         assert why is not None  # nothing can run with no requests, no tokens or no page
-
-
-class FakeService:
-    """Counts submissions: a refused setting must never get this far."""
-
-    def __init__(self) -> None:
-        self.submitted = 0
-
-    def submit(self, *args, **kwargs) -> None:
-        self.submitted += 1
-
-    def forget(self, session) -> None:
-        pass
-
-    def drop_background(self, session) -> None:
-        pass
-
-    def queue_position(self, session) -> int:
-        return 0
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
