@@ -35,6 +35,29 @@ RUN_CONTROLS = ("batch", "context", "page", "output", "model")
 QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
 
 
+def frozen(doc, fn, *args) -> None:
+    """fn(*args), with the document's model graph counted once at the end, not once per change.
+
+    A Markdown pane's update re-sends its stylesheet models, and Bokeh answers every change that
+    carries models by walking the whole document to recount them: a finished run touches a dozen
+    panes, and those walks were about a third of the server's CPU for a session's first run.
+    Bokeh's own `freeze()` always walks once at the end; here the walk happens only if some change
+    asked for it. Every change is still sent as it happens.
+    """
+    models = doc.models
+    if "invalidate" in vars(models):  # already deferred by an outer call
+        fn(*args)
+        return
+    asked: list[bool] = []
+    models.invalidate = lambda: asked.append(True)  # this document's manager, this call only
+    try:
+        fn(*args)
+    finally:
+        del models.invalidate
+        if asked:
+            models.recompute()
+
+
 class DemoController:
     """UI-free wiring between one session's state, the service and the plots."""
 
@@ -79,7 +102,7 @@ class DemoController:
             fn(*args)
             return
         with set_curdoc(doc):
-            pn.state.execute(partial(fn, *args), schedule=True)
+            pn.state.execute(partial(frozen, doc, fn, *args), schedule=True)
 
     # -- submitting ----------------------------------------------------------------------------
     # Panel runs onload callbacks and param watchers on a thread pool under `--num-threads`;
@@ -98,16 +121,28 @@ class DemoController:
             self.notice.show(why + " The plots keep the last measured run.")
             return
         self.notice.clear()
+        with self._lock:
+            self._pending_steps.clear()
+        # A cached setting is answered at once and drawn over the last run in one pass
+        # (`_finish`): no "queued" state and no cleared plots, which on a busy server were half
+        # of a move's updates.
+        hit = self.service.cached(key) is not None
+        if not hit:
+            self._clear_for_run()
+        if self.service.submit(self.session, key, partial(self._run, key),
+                               on_done=lambda o: self._hop(self._finish, key, o),
+                               on_step=self._step_from_worker):
+            self.state.notice = ""
+            return
+        if hit:  # dropped from the cache in between; its steps and result are hopped, so later
+            self._clear_for_run()
+        self._watch_queue()
+
+    def _clear_for_run(self) -> None:
         self.state.param.update(status="queued", notice="", steps_done=0)
         for plot in (self.latency, self.timeline, self.kv_memory, self.page_map):
             plot.reset()
         self.summary.reset()
-        with self._lock:
-            self._pending_steps.clear()
-        self.service.submit(self.session, key, partial(self._run, key),
-                            on_done=lambda o: self._hop(self._finish, key, o),
-                            on_step=self._step_from_worker)
-        self._watch_queue()
 
     def _run(self, key: RunKey, on_step, cancel) -> Trace:
         return execute(key, self.shelf, on_step, cancel)

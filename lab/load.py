@@ -271,7 +271,7 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
                 return await client.open(i)
 
         t0 = time.monotonic()
-        # Protocol sessions (lab/load_protocol.py) play the rest of the class from threads: they
+        # Protocol sessions (lab/load_protocol.py) play the rest of the class from one thread: they
         # open alongside the browsers and start moving with them; their latencies are kept apart.
         others = ProtocolClass(url, protocol, moves, think_s, timeout_s, stagger_s, seed) \
             if protocol else None
@@ -326,9 +326,11 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
         "machine_cpu_busy_during_moves": round(busy, 2),
         "protocol": None if protocol_tally is None else {
             "sessions": protocol, "opened": protocol_tally.opened,
+            "open_s": stats(protocol_tally.open_s),
             "latency_ms": stats(protocol_tally.latency_ms),
             "all_latency_ms": stats(protocol_tally.latency_ms + tally.latency_ms),
-            "errors": len(protocol_tally.errors), "error_samples": protocol_tally.errors[:10]},
+            "errors": len(protocol_tally.errors), "error_samples": protocol_tally.errors[:10],
+            "client_cpu_s": round(protocol_tally.client_cpu_s, 1)},
         "diagnostics_before": diag_before, "diagnostics_after": diag_after,
         "machine": machine(),
     }
@@ -413,7 +415,8 @@ def table(result: dict) -> str:
                   f"{plat.get('max', 0):.0f} ({plat['n']} moves)"),
                  ("all moves p50 / p95 (ms)",
                   f"{alat.get('p50', 0):.0f} / {alat.get('p95', 0):.0f} ({alat['n']} moves)"),
-                 ("protocol errors", str(proto["errors"]))]
+                 ("protocol errors", str(proto["errors"])),
+                 ("protocol client CPU, all sessions (s)", str(proto["client_cpu_s"]))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

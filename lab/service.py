@@ -72,13 +72,16 @@ class EngineService:
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, session: str, key: object, run: Callable[[StepFn, threading.Event], Trace],
-               on_done: DoneFn, on_step: StepFn | None = None, background: bool = False) -> None:
-        """Ask for the run `key`; `on_done` gets its Outcome (at once when cached)."""
+               on_done: DoneFn, on_step: StepFn | None = None, background: bool = False) -> bool:
+        """Ask for the run `key`; `on_done` gets its Outcome (at once when cached). True when the
+        cache answered, before this returns."""
         listener = Listener(session, on_step, on_done)
         with self._cond:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
+                if not background:  # the learner moved on: what they waited for is not wanted
+                    self._supersede(session, keep=key)
             else:
                 # A learner who changes a slider while queued keeps their place in line.
                 place = self._order.index(session) if session in self._order else None
@@ -103,10 +106,11 @@ class EngineService:
                     self._cond.notify_all()
         if cached is not None:
             on_done(Outcome(trace=cached, cached=True))
-            return
+            return True
         if on_step is not None:
             for step in steps:
                 on_step(step)
+        return False
 
     def _find(self, key: object) -> Job | None:
         if self._current is not None and self._current.key == key and not self._current.cancel.is_set():

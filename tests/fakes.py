@@ -12,10 +12,11 @@ class FakeService:
         self.submitted = 0
         self.keys: list[RunKey] = []
 
-    def submit(self, session, key, run, on_done, on_step=None, background=False) -> None:
+    def submit(self, session, key, run, on_done, on_step=None, background=False) -> bool:
         self.submitted += 1
         if not background:
             self.keys.append(key)
+        return False  # never answered from a cache
 
     def cached(self, key):
         return None

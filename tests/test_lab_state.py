@@ -87,3 +87,45 @@ def test_changing_an_slo_rejudges_without_rerunning(controller):
     summary = summarize(controller.trace, controller.state.slo())
     assert summary.slo_attainment == 0.0
     assert float(controller.summary.value("Goodput (req/s)")) == 0.0
+
+
+def test_a_cached_setting_is_drawn_at_once_without_clearing_the_plots(controller):
+    assert controller.service.wait_idle(180)
+    first = controller.state.key()
+    controller.state.batch = 3  # a new setting: it runs
+    assert controller.service.wait_idle(180)
+    statuses, stale = [], []
+    controller.state.param.watch(lambda e: statuses.append(e.new), "status")
+    controller.summary.param.watch(lambda e: stale.append(e.new), "stale")
+    controller.state.batch = 2  # back to the first setting, which the service has cached
+    assert controller.shown_key == first and controller.trace is controller.service.cached(first)
+    assert statuses == [] and stale == []  # never "queued", never greyed: drawn in one pass
+    assert controller.state.status == "done"
+
+
+def test_frozen_counts_the_document_once_and_only_when_a_change_asks():
+    from bokeh.document import Document
+    from bokeh.models import Column, Div
+
+    from lab.demo import frozen
+
+    doc = Document()
+    col = Column(Div())
+    doc.add_root(col)
+    calls = []
+    real = doc.models.recompute
+    doc.models.recompute = lambda: (calls.append(1), real())[1]
+
+    def regrow() -> None:
+        for _ in range(3):
+            col.children = [Div(), Div()]  # each change carries models: Bokeh would recount
+
+    frozen(doc, regrow)
+    assert calls == [1] and len(doc.models) == 3
+    assert all(child.document is doc for child in col.children)
+    calls.clear()
+    frozen(doc, lambda: setattr(col.children[0], "text", "plain text"))
+    assert calls == []  # nothing asked for a recount
+    with pytest.raises(ValueError):
+        frozen(doc, lambda: frozen(doc, lambda: (regrow(), int("not a number"))))
+    assert calls == [1] and "invalidate" not in vars(doc.models)  # restored, even after an error

@@ -91,6 +91,24 @@ def test_newer_job_supersedes_older_one_of_the_same_session(service):
     assert service.cached("old") is None  # a cancelled run is never cached
 
 
+def test_moving_to_a_cached_setting_drops_the_run_in_flight(service):
+    rec = Recorder()
+    _, done_k, cb_k = collect()
+    service.submit("b", "k", rec.run("k"), cb_k)
+    assert done_k.wait(5)
+    rec.gates["slow"] = threading.Event()
+    got_slow, done_slow, cb_slow = collect()
+    service.submit("a", "slow", rec.run("slow"), cb_slow)
+    while rec.order != ["k", "slow"]:
+        time.sleep(0.005)
+    got, _, cb = collect()
+    assert service.submit("a", "k", rec.run("k"), cb)  # answered from the cache
+    assert got[0].cached and got[0].trace.model == "k"
+    assert done_slow.wait(5) and got_slow[0].cancelled  # not drawn later over the cached one
+    rec.gates["slow"].set()
+    assert service.cached("slow") is None
+
+
 def test_joining_a_run_in_flight_replays_its_steps(service):
     rec = Recorder()
     rec.gates["k"] = threading.Event()

@@ -85,8 +85,7 @@ class SummaryTable(pn.viewable.Viewer):
     def show(self, trace: Trace, summary: Summary, slo: SLO) -> None:
         """Fill every row from a finished run."""
         values = summary_values(summary)
-        self.stale = False
-        self.values = values
+        self.param.update(stale=False, values=values)  # one redraw of the table, not two
         self.text = "; ".join(f"{k} {v}" for k, v in values.items()) + "."
 
     def _render(self) -> str:
