@@ -6,7 +6,7 @@ import os
 
 import panel as pn
 
-from lab import shared
+from lab import gc_policy, shared
 from lab.page import build_page
 
 if pn.state.served:
@@ -20,3 +20,5 @@ if pn.state.served:
     # the document's models after each (nine walks over ~860 models); count them once instead.
     with pn.state.curdoc.models.freeze():
         page.servable()
+    gc_policy.settle_session()
+    pn.state.on_session_destroyed(gc_policy.release_sessions)

@@ -4,7 +4,9 @@ Served only when asked for: `panel serve lab/app.py --plugins lab.diagnostics` a
 (under --prefix if one is set). It reports counts only (sessions, threads, periodic callbacks, the
 engine queue, the classroom hub, resident memory): no session ids, no query strings, no token.
 `?deep=1` also collects garbage and counts the live per-session objects, to catch leaks; that walks
-the whole heap, so it is for tests, not for polling.
+the whole heap, so it is for tests, not for polling. `gc` reports the garbage collector's pauses
+since the plugin loaded: a collection of the oldest generation walks every live object, and while
+it runs the event loop serves no session.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import gc
 import json
 import re
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,14 +39,45 @@ def thread_names() -> dict[str, int]:
     return dict(Counter(re.sub(r"([-_]\d+)+$", "", t.name) for t in threading.enumerate()))
 
 
+class GcPauses:
+    """Count and time the garbage collector's passes, per generation (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total_s = [0.0, 0.0, 0.0]
+        self.max_s = [0.0, 0.0, 0.0]
+        self._start: float | None = None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            g, took = info["generation"], time.perf_counter() - self._start
+            self.count[g] += 1
+            self.total_s[g] += took
+            self.max_s[g] = max(self.max_s[g], took)
+            self._start = None
+
+    def stats(self) -> dict:
+        out = {f"gen{g}": {"count": self.count[g], "total_s": round(self.total_s[g], 3),
+                           "max_s": round(self.max_s[g], 3)} for g in range(3)}
+        out["frozen_objects"] = gc.get_freeze_count()  # lab/gc_policy.py keeps pages out of sight
+        return out
+
+
+GC_PAUSES = GcPauses()
+gc.callbacks.append(GC_PAUSES)
+
+
 def live_objects() -> dict[str, int]:
     """How many per-session objects are still alive after a full collection."""
     # Imported here, not at plugin load: the page's modules belong to the app's sessions.
     from lab.classroom_view import PresenterBar, StudentBar
     from lab.demo import DemoController
     from lab.state import LabState
+    from lab.gc_policy import reclaim
     kinds = (LabState, DemoController, StudentBar, PresenterBar)
-    gc.collect()
+    reclaim()  # a full collection over the unfrozen heap: closed pages are really gone
     counts = Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds))
     return {k.__name__: counts.get(k.__name__, 0) for k in kinds}
 
@@ -71,6 +105,7 @@ def snapshot(server=None, deep: bool = False) -> dict:
         "panel_views": len(pn.state._views),
         "service": shared.service().stats(),
         "classroom": shared.classroom().stats(),
+        "gc": GC_PAUSES.stats(),
     }
     if deep:
         out["live_objects"] = live_objects()

@@ -59,7 +59,12 @@ def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
                      css_classes=["lab-page"])
     template = pn.template.BootstrapTemplate(
         title=content.page["breadcrumb"] + " · Serving Lab", theme=theme, main=[page],
-        main_max_width=f"{MAX_WIDTH + 40}px", collapsed_sidebar=True)
+        main_max_width=f"{MAX_WIDTH + 40}px", collapsed_sidebar=True,
+        # Panel keeps every session's busy indicator in one process-wide list and flips them
+        # all whenever any session is busy: each student's spinner flickered at every other
+        # student's move, and with 40 sessions that was half the server's work for a move. The
+        # demo's status line says what this session's run is doing.
+        busy_indicator=None)
     if embed:
         template.config.raw_css.append(EMBED_CSS)
     template.demo = demo  # tests and later panels reach the session's controller here
