@@ -7,7 +7,7 @@ import html
 import panel as pn
 
 from lab.content import Content
-from lab.demo import DemoController
+from lab.demo import DemoController, frozen
 from lab.prediction import attach_prediction_gate
 from lab.sections import section_heading
 
@@ -21,20 +21,50 @@ STATUS_TEXT = {
 }
 
 
+def one_recount(fn, *args) -> None:
+    """fn(*args) and everything it sets off (the run drawn, the prediction question, the code
+    section, the address bar) under one `frozen` (lab/demo.py): the session's models are counted
+    once, not once per pane."""
+    doc = pn.state.curdoc
+    if doc is None:
+        fn(*args)
+    else:
+        frozen(doc, fn, *args)
+
+
+class _OneRecount:
+    """A control whose changes from the browser run under `one_recount`."""
+
+    def _process_events(self, events) -> None:  # where Panel applies a browser's change
+        one_recount(super()._process_events, events)
+
+
+class IntSlider(_OneRecount, pn.widgets.IntSlider):
+    pass
+
+
+class FloatSlider(_OneRecount, pn.widgets.FloatSlider):
+    pass
+
+
+class Select(_OneRecount, pn.widgets.Select):
+    pass
+
+
 def controls(demo: DemoController, content: Content) -> pn.Column:
     """Sliders bound to LabState (they report only on release: the extension is throttled)."""
     s = demo.state
     sliders = [
-        pn.widgets.IntSlider.from_param(s.param.batch, name="Batch size (requests)"),
-        pn.widgets.IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
+        IntSlider.from_param(s.param.batch, name="Batch size (requests)"),
+        IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
                                         step=16),
-        pn.widgets.IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
-        pn.widgets.IntSlider.from_param(s.param.output, name="Output tokens"),
-        pn.widgets.FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10,
+        IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
+        IntSlider.from_param(s.param.output, name="Output tokens"),
+        FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10,
                                           end=5000),
-        pn.widgets.FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1,
+        FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1,
                                           end=500),
-        pn.widgets.Select.from_param(s.param.model, name="Model preset"),
+        Select.from_param(s.param.model, name="Model preset"),
     ]
     for w in sliders:  # two columns on a wide screen, one on a phone
         w.sizing_mode = "stretch_width"
@@ -43,7 +73,7 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
     for preset in content.presets:
         b = pn.widgets.Button(name=preset["label"], button_type="light",
                               description=preset["description"], css_classes=["preset-button"])
-        b.on_click(lambda _e, v=dict(preset["values"]): s.apply(v))
+        b.on_click(lambda _e, v=dict(preset["values"]): one_recount(s.apply, v))
         buttons.append(b)
     copy = pn.widgets.Button(name="Copy link to these settings", button_type="primary",
                              button_style="outline", css_classes=["copy-link"])
