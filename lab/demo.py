@@ -38,9 +38,10 @@ QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refresh
 def frozen(doc, fn, *args) -> None:
     """fn(*args), with the document's model graph counted once at the end, not once per change.
 
-    A Markdown pane's update re-sends its stylesheet models, and Bokeh answers every change that
-    carries models by walking the whole document to recount them: a finished run touches a dozen
-    panes, and those walks were about a third of the server's CPU for a session's first run.
+    Bokeh answers every change that carries models (a pane's stylesheets, which Panel re-sends
+    on a pane's first update; new children) by walking the whole document, about 860 models, to
+    recount them. A finished run touches a dozen panes, and those walks were about a third of the
+    server's CPU for a session's first run.
     Bokeh's own `freeze()` always walks once at the end; here the walk happens only if some change
     asked for it. Every change is still sent as it happens.
     """

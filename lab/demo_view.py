@@ -56,14 +56,11 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
     s = demo.state
     sliders = [
         IntSlider.from_param(s.param.batch, name="Batch size (requests)"),
-        IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
-                                        step=16),
+        IntSlider.from_param(s.param.context, name="Context length (prompt tokens)", step=16),
         IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
         IntSlider.from_param(s.param.output, name="Output tokens"),
-        FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10,
-                                          end=5000),
-        FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1,
-                                          end=500),
+        FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10, end=5000),
+        FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1, end=500),
         Select.from_param(s.param.model, name="Model preset"),
     ]
     for w in sliders:  # two columns on a wide screen, one on a phone

@@ -271,6 +271,7 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
                 return await client.open(i)
 
         t0 = time.monotonic()
+        server_open_before = cpu_ticks(server_pid)[0] if server_pid else 0
         # Protocol sessions (lab/load_protocol.py) play the rest of the class from one thread: they
         # open alongside the browsers and start moving with them; their latencies are kept apart.
         others = ProtocolClass(url, protocol, moves, think_s, timeout_s, stagger_s, seed) \
@@ -279,6 +280,8 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
         if others is not None:
             await asyncio.to_thread(others.wait_opened)
         open_wall = time.monotonic() - t0
+        open_cpu = (cpu_ticks(server_pid)[0] - server_open_before) / os.sysconf("SC_CLK_TCK") \
+            if server_pid else None
         rss_open = rss_kb(server_pid)
         live = [(i, pg) for i, pg in enumerate(pages) if pg is not None]
         machine_before, server_before = cpu_ticks(), cpu_ticks(server_pid)[0] if server_pid else 0
@@ -322,7 +325,8 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
                    "rss_after_open_mb": mb(rss_open), "rss_after_moves_mb": mb(rss_moves),
                    "per_session_mb": None if rss_before is None or not opened else
                    round((rss_open - rss_before) / 1024 / opened, 2),
-                   "cpu_s_during_moves": None if server_cpu is None else round(server_cpu, 1)},
+                   "cpu_s_during_moves": None if server_cpu is None else round(server_cpu, 1),
+                   "cpu_s_during_opening": None if open_cpu is None else round(open_cpu, 1)},
         "machine_cpu_busy_during_moves": round(busy, 2),
         "protocol": None if protocol_tally is None else {
             "sessions": protocol, "opened": protocol_tally.opened,
@@ -402,7 +406,8 @@ def table(result: dict) -> str:
             ("server RSS before / after open / after moves (MB)",
              f"{srv['rss_before_mb']} / {srv['rss_after_open_mb']} / {srv['rss_after_moves_mb']}"),
             ("server memory per session (MB)", str(srv["per_session_mb"])),
-            ("server CPU during moves (s)", str(srv["cpu_s_during_moves"])),
+            ("server CPU during opening / during moves (s)",
+             f"{srv['cpu_s_during_opening']} / {srv['cpu_s_during_moves']}"),
             ("machine CPU busy during moves", f"{result['machine_cpu_busy_during_moves']:.0%}"),
             ("machine", f"{result['machine']['nproc']} x {result['machine']['cpu_model']}, "
                         f"load average {result['machine']['loadavg_1min']} at the end")]

@@ -1,0 +1,41 @@
+"""The load script end to end: a browser page and protocol sessions against a real server.
+
+Starts its own `panel serve`, runs `python -m lab.load` with one browser session and two protocol
+sessions at cheap settings, two moves each, and checks the report: every session opened, every move
+measured with no error, the figures well formed, and the text table printable.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from lab.load import main, table
+from tests.browser.conftest import ARTIFACTS, CHROMIUM, lab_server
+
+pytestmark = pytest.mark.browser
+CHEAP = "batch=1&context=16&page=16&output=2"
+
+
+@pytest.mark.timeout(420)
+def test_load_reports_browser_and_protocol_moves(capsys) -> None:
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium is not installed (make test installs Debian's chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with lab_server(extra=["--liveness", "--plugins", "lab.diagnostics"]) as url:
+        code = main(["--url", f"{url}?{CHEAP}", "--sessions", "1", "--protocol-sessions", "2",
+                     "--moves", "2", "--think", "0.3", "--stagger", "0.2", "--timeout", "120",
+                     "--json"])
+    result = json.loads(capsys.readouterr().out)
+    proto = result["protocol"]
+    assert code == 0, result["error_samples"] + proto["error_samples"]
+    assert result["opened"] == 1 and proto["opened"] == 2
+    assert result["latency_ms"]["n"] == 2 and proto["latency_ms"]["n"] == 4
+    assert proto["all_latency_ms"]["n"] == 6
+    assert 0 < proto["all_latency_ms"]["p50"] <= proto["all_latency_ms"]["p95"]
+    assert proto["open_s"]["n"] == 2 and proto["client_cpu_s"] >= 0
+    assert result["diagnostics_after"]["sessions"] >= 1  # the server's own account was read
+    assert "gen2" in result["diagnostics_after"]["gc"]
+    text = table(result)
+    assert "protocol moves p50 / p95" in text and "server CPU during opening" in text
