@@ -54,7 +54,9 @@ def frozen(doc, fn, *args) -> None:
     try:
         fn(*args)
     finally:
-        del models.invalidate
+        # pop, not del: under `--num-threads` a pool thread and the loop may both have deferred
+        # (each then recounts for what it was asked; a request after the pop recounts at once)
+        vars(models).pop("invalidate", None)
         if asked:
             models.recompute()
 

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 BATCH_TITLE = "Batch size"  # the batch slider's title starts so
 TABLE_MARK = "summary-table"  # the summary table's class; "summary-table stale" while a run is on
+STATUS_MARK = "run-status"  # the status line's class (lab/demo_view.py)
+DONE_PREFIX = "Measured"  # lab/demo_view.py STATUS_TEXT["done"] starts so
 MAX_MESSAGE_BYTES = 64 << 20  # a pulled document with its plots' data fits with room to spare
 # What a page sends once it has rendered: Panel runs the page's onload callbacks on it.
 READY = {"kind": "MessageSent", "msg_type": "bokeh_event",
@@ -115,6 +117,8 @@ class Session:
         self.slider: str | None = None
         self.value: int | None = None
         self.tables: dict[str, str] = {}  # model id -> text
+        self.status_id: str | None = None
+        self.status = ""  # the status line's text
         self.changed = asyncio.Event()
         self.reader: asyncio.Task | None = None
 
@@ -129,6 +133,8 @@ class Session:
                 self.slider, self.value = m["id"], attrs.get("value", self.value)
             if TABLE_MARK in str(attrs.get("text", "")):
                 self.tables[m["id"]] = attrs["text"]
+            if STATUS_MARK in (attrs.get("css_classes") or []):
+                self.status_id, self.status = m["id"], str(attrs.get("text", ""))
 
     async def open(self) -> None:
         from bokeh.util.token import generate_jwt_token, generate_session_id
@@ -144,11 +150,12 @@ class Session:
         await self.wire.send("PULL-DOC-REQ", {})
         content = await self._expect("PULL-DOC-REPLY")
         self._learn(walk_models(json.loads(content)["doc"]))
-        if self.slider is None or not self.tables:
-            raise LookupError("the page has no batch slider or summary table")
+        if self.slider is None or not self.tables or self.status_id is None:
+            raise LookupError("the page has no batch slider, summary table or status line")
         self.reader = asyncio.ensure_future(self._read())
         await self.wire.send("PATCH-DOC", {"events": [READY]})  # as a page does once drawn
-        await self.until(lambda text: _finished_table(text))
+        # Open means the first run is measured and shown, as for a browser page (lab/load.py).
+        await self.until(lambda: DONE_PREFIX in self.status and _finished_table(self.text))
 
     async def _expect(self, msgtype: str) -> str:
         """The content of the next `msgtype` message; other messages before it are dropped."""
@@ -174,7 +181,7 @@ class Session:
                 continue
             if header["msgtype"] != "PATCH-DOC":
                 continue
-            watched = [self.slider, *self.tables]
+            watched = [self.slider, self.status_id, *self.tables]
             # Most patches carry plot data and touch neither: skip them without parsing.
             if TABLE_MARK not in content and not any(f'"{m}"' in content for m in watched):
                 continue
@@ -185,6 +192,8 @@ class Session:
                 model, attr, new = event["model"]["id"], event["attr"], event.get("new")
                 if model in self.tables and attr == "text":
                     self.tables[model] = new
+                elif model == self.status_id and attr == "text":
+                    self.status = str(new)
                 elif model == self.slider and attr == "value":
                     self.value = new
             if TABLE_MARK in content:  # a new table model, made by a re-rendered pane
@@ -192,9 +201,9 @@ class Session:
             self.changed.set()
 
     async def until(self, done) -> None:
-        """Until `done(table text)` holds; TimeoutError past the session's timeout."""
+        """Until `done()` holds; TimeoutError past the session's timeout."""
         deadline = time.monotonic() + self.timeout_s
-        while not done(self.text):
+        while not done():
             if self.reader is not None and self.reader.done():
                 raise ConnectionError("the server closed the socket")
             self.changed.clear()
@@ -209,7 +218,7 @@ class Session:
             {"kind": "ModelChanged", "model": {"id": self.slider}, "attr": attr, "new": value}
             for attr in ("value", "value_throttled")]})
         self.value = value
-        await self.until(lambda text: _finished_table(text) and text != before)
+        await self.until(lambda: _finished_table(self.text) and self.text != before)
         return (time.perf_counter() - start) * 1000
 
     def close(self) -> None:
@@ -242,7 +251,9 @@ async def play(i: int, url: str, moves: int, think_s: float, timeout_s: float, d
         try:
             tally.latency_ms.append(await session.move(1 if m % 2 == 0 else -1))
         except asyncio.TimeoutError:
-            tally.error(i, f"move timed out after {timeout_s:.0f} s")
+            shown = "updating" if f"{TABLE_MARK} stale" in session.text else "unchanged"
+            tally.error(i, f"move timed out after {timeout_s:.0f} s (batch slider at "
+                           f"{session.value}, summary table {shown})")
         except Exception as err:
             tally.error(i, f"move failed: {type(err).__name__}: {str(err)[:200]}")
             break

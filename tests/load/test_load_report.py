@@ -8,28 +8,34 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from lab.load import main, table
-from tests.browser.conftest import ARTIFACTS, CHROMIUM, lab_server
+from lab.load import table
+from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, lab_server
 
 pytestmark = pytest.mark.browser
 CHEAP = "batch=1&context=16&page=16&output=2"
 
 
 @pytest.mark.timeout(420)
-def test_load_reports_browser_and_protocol_moves(capsys) -> None:
+def test_load_reports_browser_and_protocol_moves() -> None:
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium is not installed (make test installs Debian's chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
     with lab_server(extra=["--liveness", "--plugins", "lab.diagnostics"]) as url:
-        code = main(["--url", f"{url}?{CHEAP}", "--sessions", "1", "--protocol-sessions", "2",
-                     "--moves", "2", "--think", "0.3", "--stagger", "0.2", "--timeout", "120",
-                     "--json"])
-    result = json.loads(capsys.readouterr().out)
+        done = subprocess.run(
+            [sys.executable, "-m", "lab.load", "--url", f"{url}?{CHEAP}", "--sessions", "1",
+             "--protocol-sessions", "2", "--moves", "2", "--think", "0.3", "--stagger", "0.2",
+             "--timeout", "120", "--json"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+            timeout=400)
+    assert done.stdout, done.stderr[-2000:]
+    result = json.loads(done.stdout)
     proto = result["protocol"]
-    assert code == 0, result["error_samples"] + proto["error_samples"]
+    assert done.returncode == 0, result["error_samples"] + proto["error_samples"]
     assert result["opened"] == 1 and proto["opened"] == 2
     assert result["latency_ms"]["n"] == 2 and proto["latency_ms"]["n"] == 4
     assert proto["all_latency_ms"]["n"] == 6
