@@ -34,14 +34,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from lab.load_protocol import BATCH_TITLE, ProtocolClass
+from lab.load_protocol import BATCH_TITLE, DONE_PREFIX, ProtocolClass
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
                  "--disable-quic", "--disable-renderer-backgrounding",
                  "--disable-background-timer-throttling"]
-DONE_PREFIX = "Measured"  # lab/demo_view.py STATUS_TEXT["done"] starts so
 
 # Installed in every page before its scripts run. Panel draws widgets inside shadow roots, so the
 # helpers search through them; the observer watches the summary table's shadow root.
