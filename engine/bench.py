@@ -1,7 +1,8 @@
 """`python -m engine.bench`: the engine against Hugging Face `generate()` and against the roofline.
 
 Both sides hold the same weights on the same device. Three measurements, in one run:
-1. TPOT at batch 1 and 8 (equal prompts, so Hugging Face needs no padding);
+1. TPOT at batch 1 and 8 (equal prompts, so Hugging Face needs no padding); Hugging Face's from
+   the time each step's tokens reach the host within one `generate()` call;
 2. throughput on a mixed-length workload: Hugging Face runs static batches, left-padded, each until
    its longest request is done; the engine batches continuously with the same batch cap;
 3. the engine's batch-1 TPOT against the decode floor (weights + KV read) / measured bandwidth.
@@ -34,19 +35,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _TokenClock:
+    """A `generate()` streamer that notes when each new token reaches the host.
+
+    `generate()` hands the prompt to `put` first, then every step's tokens (copied to the host, so
+    the device has finished that step). The times of the later calls are the token times.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_seen = False
+        self.token_times: list[float] = []
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.token_times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
-def hf_generate_s(peer, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds for one left-padded `generate()` call producing `new_tokens` per prompt."""
+def hf_generate(peer, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
+    """One left-padded `generate()` call producing `new_tokens` per prompt.
+
+    Returns its wall time in seconds and the time of each step's tokens, from the call's start.
+    """
     device = next(peer.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    clock = _TokenClock()
     _sync(device)
     t = time.perf_counter()
     peer.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+                  min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, streamer=clock)
     _sync(device)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, [s - t for s in clock.token_times]
+
+
+def hf_generate_s(peer, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for one left-padded `generate()` call producing `new_tokens` per prompt."""
+    return hf_generate(peer, prompts, new_tokens)[0]
+
+
+def hf_tpot_s(peer, prompts: list[list[int]], new_tokens: int) -> float:
+    """Hugging Face's TPOT: from its first token to its last, per later token, in one call."""
+    if new_tokens < 2:
+        raise ValueError("TPOT needs at least two new tokens")
+    _, times = hf_generate(peer, prompts, new_tokens)
+    if len(times) != new_tokens:
+        raise RuntimeError(f"generate() streamed {len(times)} steps, expected {new_tokens}")
+    return (times[-1] - times[0]) / (new_tokens - 1)
 
 
 def tpot_pair(engine: LLMEngine, peer, batch: int, prompt_len: int, output_len: int,
@@ -57,10 +97,7 @@ def tpot_pair(engine: LLMEngine, peer, batch: int, prompt_len: int, output_len: 
     ours, theirs = [], []
     for _ in range(repeats):
         ours.append(summarize(engine.run(spec)).tpot_ms.p50 / 1e3)
-        # HF's TPOT: the time generate() spends past its first token, per later token.
-        first = hf_generate_s(peer, prompts, 1)
-        full = hf_generate_s(peer, prompts, output_len)
-        theirs.append((full - first) / (output_len - 1))
+        theirs.append(hf_tpot_s(peer, prompts, output_len))
     return statistics.median(ours), statistics.median(theirs)
 
 

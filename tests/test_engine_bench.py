@@ -30,3 +30,19 @@ def test_bench_json_has_the_issue_keys_and_measured_ratios(capsys) -> None:
 def test_bench_refuses_an_unknown_model(capsys) -> None:
     assert bench.main(["--model", "no-such-model", "--device", "cpu", "--quick"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_hugging_face_tpot_comes_from_its_own_token_times() -> None:
+    # A difference of two separate generate() calls went negative on a noisy CI machine; the
+    # streamer's times are taken inside one call, so they rise step by step.
+    from engine.config import EngineConfig
+    from engine.hf_peer import hf_llama_like
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny", device="cpu"))
+    peer = hf_llama_like(engine.model)
+    prompts = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    total, times = bench.hf_generate(peer, prompts, 5)
+    assert len(times) == 5
+    assert all(a <= b for a, b in zip(times, times[1:])) and 0 < times[0] and times[-1] <= total
+    assert bench.hf_tpot_s(peer, prompts, 5) > 0
