@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import torch
 
 from engine.config import ConfigError, EngineConfig, SLO
+from engine.cpu_threads import set_blas_threads
 from engine.llm_engine import LLMEngine
 from engine.metrics import Summary, summarize
 from engine.records import StepRecord, Trace
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cuda-graphs", action="store_true",
                      help="launch decode steps kernel by kernel (CUDA only; shows what graphs save)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    run.add_argument("--cpu-threads", type=positive_int,
+                     help="BLAS threads for CPU runs (default: one per core; the lab uses one fewer)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         engine_cfg, workload, slo = configs(args)
+        if args.cpu_threads is not None:
+            set_blas_threads(args.cpu_threads)
         engine = LLMEngine(engine_cfg)
         progress = Progress(workload.num_requests)
         try:

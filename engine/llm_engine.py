@@ -16,7 +16,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import ConfigError, EngineConfig
-from engine.cpu_threads import one_torch_thread
+from engine.cpu_threads import blas_threads, one_torch_thread
 from engine.cuda_graphs import DecodeGraphs, graphs_supported
 from engine.model import KVCache, Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
@@ -46,7 +46,8 @@ def describe_device(device: torch.device) -> str:
     """What the page and the CLI print as the measuring device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU: {torch.get_num_threads()} threads"
+    n = blas_threads()  # the step's matrix products run on them (torch holds one during runs)
+    return f"CPU: {n} thread{'s' if n != 1 else ''}"
 
 
 class LLMEngine:

@@ -7,7 +7,9 @@ by touching Bokeh models from the worker. SLO changes only re-judge the last tra
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 import uuid
 from functools import partial
 
@@ -33,6 +35,19 @@ from widgets.tpot_batch_plot import TPOTBatchPlot
 
 RUN_CONTROLS = ("batch", "context", "page", "output", "model")
 QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
+# Live plots during a run are updated at most this often. Each update is work for the server's
+# event loop, and that work competes with the run it shows; see `_step_from_worker`.
+def _live_update_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 60:
+        raise ValueError(f"LAB_LIVE_UPDATE_S must be seconds from 0 to 60, not {text!r}")
+    return value
+
+
+LIVE_UPDATE_S = _live_update_s(os.environ.get("LAB_LIVE_UPDATE_S", "0.25"))
 
 
 def frozen(doc, fn, *args) -> None:
@@ -88,6 +103,7 @@ class DemoController:
         self._lock = threading.Lock()
         self._pending_steps: list[StepRecord] = []
         self._flush_scheduled = False
+        self._last_flush = 0.0  # time.monotonic() of the last live update
         self._sweep: dict[int, float] = {}
         self._queue_cb = None
         state.param.watch(self._on_controls, list(RUN_CONTROLS))
@@ -156,12 +172,25 @@ class DemoController:
             if self._flush_scheduled:
                 return  # the scheduled flush will take this step too
             self._flush_scheduled = True
-        self._hop(self._flush_steps)
+            wait_s = self._last_flush + LIVE_UPDATE_S - time.monotonic()
+        if wait_s > 0:
+            self._hop(self._flush_later, wait_s)
+        else:
+            self._hop(self._flush_steps)
+
+    def _flush_later(self, wait_s: float) -> None:
+        """On the session's loop: flush the pending steps after `wait_s` seconds."""
+        doc = self._doc
+        if doc is None or getattr(doc, "session_context", None) is None:
+            self._flush_steps()  # no server (tests, notebooks): no loop to wait on
+            return
+        doc.add_timeout_callback(partial(frozen, doc, self._flush_steps), max(1, int(wait_s * 1e3)))
 
     def _flush_steps(self) -> None:
         with self._lock:
             steps, self._pending_steps = self._pending_steps, []
             self._flush_scheduled = False
+            self._last_flush = time.monotonic()
         if not steps:
             return
         info = self._run_info()

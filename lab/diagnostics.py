@@ -21,6 +21,7 @@ from pathlib import Path
 import panel as pn
 from tornado.web import RequestHandler
 
+from engine.cpu_threads import blas_threads
 from lab import shared
 
 
@@ -106,6 +107,7 @@ def snapshot(server=None, deep: bool = False) -> dict:
         "service": shared.service().stats(),
         "classroom": shared.classroom().stats(),
         "gc": GC_PAUSES.stats(),
+        "blas_threads": blas_threads(),  # LAB_CPU_THREADS, once the first page has loaded
     }
     if deep:
         out["live_objects"] = live_objects()

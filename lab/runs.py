@@ -16,6 +16,7 @@ import torch
 from engine import analytic
 from engine.block_manager import blocks_for
 from engine.config import ConfigError, EngineConfig, ModelConfig, preset
+from engine.cpu_threads import usable_cores
 from engine.llm_engine import LLMEngine, pick_device
 from engine.model import Llama
 from engine.records import StepRecord, Trace
@@ -30,13 +31,20 @@ class Limits:
     kv_budget_bytes: int = 256 * 2**20  # LAB_KV_BUDGET_MB
     max_run_s: float = 20.0  # LAB_MAX_RUN_S: longest estimated run one learner may start
     device: str = "auto"  # LAB_DEVICE
+    # LAB_CPU_THREADS: BLAS threads of CPU runs. One core is left to the server's event loop,
+    # which builds and updates pages while runs are measured (engine/cpu_threads.py says why).
+    cpu_threads: int = max(1, usable_cores() - 1)
 
     @classmethod
     def from_env(cls) -> "Limits":
         env = os.environ
+        threads = env.get("LAB_CPU_THREADS", "")
+        if threads and not (threads.isdigit() and int(threads) >= 1):
+            raise ValueError(f"LAB_CPU_THREADS must be a whole number of at least 1, not {threads!r}")
         return cls(kv_budget_bytes=int(float(env.get("LAB_KV_BUDGET_MB", 256)) * 2**20),
                    max_run_s=float(env.get("LAB_MAX_RUN_S", 20.0)),
-                   device=env.get("LAB_DEVICE", "auto"))
+                   device=env.get("LAB_DEVICE", "auto"),
+                   cpu_threads=int(threads) if threads else cls.cpu_threads)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+from engine.cpu_threads import set_blas_threads
 from lab.classroom import Classroom
 from lab.runs import Limits, ModelShelf
 from lab.service import EngineService
@@ -22,7 +23,10 @@ def service() -> EngineService:
 
 @functools.lru_cache(maxsize=1)
 def shelf() -> ModelShelf:
-    return ModelShelf(limits().device)
+    made = ModelShelf(limits().device)
+    if made.device.type == "cpu":  # before any run: the size holds for the whole process
+        set_blas_threads(limits().cpu_threads)
+    return made
 
 
 @functools.lru_cache(maxsize=1)

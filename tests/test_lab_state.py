@@ -129,3 +129,63 @@ def test_frozen_counts_the_document_once_and_only_when_a_change_asks():
     with pytest.raises(ValueError):
         frozen(doc, lambda: frozen(doc, lambda: (regrow(), int("not a number"))))
     assert calls == [1] and "invalidate" not in vars(doc.models)  # restored, even after an error
+
+
+def test_live_updates_during_a_run_are_rate_limited(controller, monkeypatch):
+    # Every live update is work for the server's loop that competes with the measured run; the
+    # first step of a burst is shown at once, later ones wait out LIVE_UPDATE_S together.
+    from lab import demo as demo_module
+
+    assert controller.service.wait_idle(180)
+    hops = []
+    monkeypatch.setattr(controller, "_hop", lambda fn, *args: hops.append((fn.__name__, args)))
+    controller._flush_scheduled, controller._last_flush = False, 0.0
+    controller._step_from_worker("step 0")
+    assert hops == [("_flush_steps", ())]  # nothing shown for a while: at once
+    monkeypatch.setattr(controller.timeline, "add_steps", lambda steps, info: None)
+    monkeypatch.setattr(controller.kv_memory, "add_steps", lambda steps, info: None)
+    controller._flush_steps()
+    hops.clear()
+    for i in range(1, 5):
+        controller._step_from_worker(f"step {i}")
+    assert len(hops) == 1 and hops[0][0] == "_flush_later"
+    assert 0 < hops[0][1][0] <= demo_module.LIVE_UPDATE_S
+    assert controller._pending_steps == ["step 1", "step 2", "step 3", "step 4"]
+
+    class Loop:  # stands in for a served document's timer
+        session_context = object()
+
+        def __init__(self):
+            self.timers = []
+
+        def add_timeout_callback(self, callback, ms):
+            self.timers.append(ms)
+
+    loop = Loop()
+    monkeypatch.setattr(controller, "_doc", loop)
+    controller._flush_later(hops[0][1][0])
+    assert len(loop.timers) == 1 and 1 <= loop.timers[0] <= demo_module.LIVE_UPDATE_S * 1e3
+    monkeypatch.setattr(controller, "_doc", None)
+    controller._flush_steps()
+    assert controller._pending_steps == [] and not controller._flush_scheduled
+    controller.state.status = "done"  # the flush said "running"; later tests start from done
+
+
+def test_cpu_threads_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LAB_CPU_THREADS", "3")
+    assert Limits.from_env().cpu_threads == 3
+    monkeypatch.delenv("LAB_CPU_THREADS")
+    assert Limits.from_env().cpu_threads == Limits().cpu_threads >= 1
+    for bad in ("0", "two", "-1", "1.5"):
+        monkeypatch.setenv("LAB_CPU_THREADS", bad)
+        with pytest.raises(ValueError, match="LAB_CPU_THREADS"):
+            Limits.from_env()
+
+
+def test_live_update_gap_must_be_a_sane_number_of_seconds():
+    from lab.demo import _live_update_s
+
+    assert _live_update_s("0.25") == 0.25 and _live_update_s("0") == 0.0
+    for bad in ("fast", "-1", "nan", "inf", "600"):
+        with pytest.raises(ValueError, match="LAB_LIVE_UPDATE_S"):
+            _live_update_s(bad)
