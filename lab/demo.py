@@ -17,6 +17,7 @@ import panel as pn
 from panel.io.state import set_curdoc
 
 from engine import analytic
+from engine.llm_engine import describe_device
 from engine.metrics import summarize
 from engine.records import StepRecord, Trace
 from lab.runs import (SWEEP_BATCHES, Limits, ModelShelf, RunKey, bytes_per_elem, check_run,
@@ -207,7 +208,7 @@ class DemoController:
         capacity = kv_need_bytes(key, cfg, elem)  # execute() sizes the cache to exactly this
         return RunInfo(block_size=key.page, num_blocks=capacity // block_bytes,
                        kv_bytes_capacity=capacity, block_bytes=block_bytes,
-                       device=analytic.probe(self.shelf.device.type).device, model=key.model)
+                       device=describe_device(self.shelf.device), model=key.model)
 
     # -- results -------------------------------------------------------------------------------
     def _finish(self, key: RunKey, outcome: Outcome) -> None:

@@ -17,7 +17,7 @@ from engine import analytic
 from engine.block_manager import blocks_for
 from engine.config import ConfigError, EngineConfig, ModelConfig, preset
 from engine.cpu_threads import usable_cores
-from engine.llm_engine import LLMEngine, pick_device
+from engine.llm_engine import LLMEngine, describe_device, pick_device
 from engine.model import Llama
 from engine.records import StepRecord, Trace
 from engine.weights import load_model
@@ -108,7 +108,7 @@ def check_run(key: RunKey, limits: Limits) -> str | None:
                 f"{limits.kv_budget_bytes / 1e9:.3g} GB. Lower the batch, context or output.")
     seconds = estimate_run_s(key, cfg, analytic.probe(device.type), elem)
     if seconds > limits.max_run_s:
-        return (f"This run would take about {seconds:.0f} s on {analytic.probe(device.type).device}, "
+        return (f"This run would take about {seconds:.0f} s on {describe_device(device)}, "
                 f"more than the {limits.max_run_s:.0f} s one learner may hold the shared device. "
                 "Lower the batch, context or output.")
     return None

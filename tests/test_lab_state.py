@@ -3,7 +3,9 @@ driving the real engine through the shared service."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+from engine.llm_engine import describe_device
 from engine.metrics import summarize
 from lab.demo import DemoController
 from lab.runs import Limits, ModelShelf, RunKey, check_run, kv_need_bytes
@@ -45,6 +47,7 @@ def test_runs_too_long_for_a_shared_device_are_refused():
     key = RunKey("cpu-30m", batch=64, context=4096, page=16, output=64)
     why = check_run(key, Limits(kv_budget_bytes=2**40, max_run_s=5, device="cpu"))
     assert why is not None and "shared device" in why
+    assert describe_device(torch.device("cpu")) in why  # the threads runs use, not the probe's
 
 
 def test_a_small_run_is_allowed():
