@@ -105,6 +105,7 @@ class DemoController:
         self._pending_steps: list[StepRecord] = []
         self._flush_scheduled = False
         self._last_flush = 0.0  # time.monotonic() of the last live update
+        self._run_id = 0  # bumped by each submission; steps of older runs are dropped
         self._sweep: dict[int, float] = {}
         self._queue_cb = None
         state.param.watch(self._on_controls, list(RUN_CONTROLS))
@@ -143,6 +144,8 @@ class DemoController:
         self.notice.clear()
         with self._lock:
             self._pending_steps.clear()
+            self._run_id += 1
+            run_id = self._run_id
         # A cached setting is answered at once and drawn over the last run in one pass
         # (`_finish`): no "queued" state and no cleared plots, which on a busy server were half
         # of a move's updates.
@@ -151,7 +154,7 @@ class DemoController:
             self._clear_for_run()
         if self.service.submit(self.session, key, partial(self._run, key),
                                on_done=lambda o: self._hop(self._finish, key, o),
-                               on_step=self._step_from_worker):
+                               on_step=partial(self._step_from_worker, run_id)):
             self.state.notice = ""
             return
         if hit:  # dropped from the cache in between; its steps and result are hopped, so later
@@ -167,8 +170,12 @@ class DemoController:
     def _run(self, key: RunKey, on_step, cancel) -> Trace:
         return execute(key, self.shelf, on_step, cancel)
 
-    def _step_from_worker(self, step: StepRecord) -> None:
+    def _step_from_worker(self, run_id: int, step: StepRecord) -> None:
+        """On the worker thread: keep the step for the next live update, and schedule one. The
+        first step after a quiet spell is shown at once; later ones wait out LIVE_UPDATE_S."""
         with self._lock:
+            if run_id != self._run_id:
+                return  # a run this session has moved on from, still finishing its step
             self._pending_steps.append(step)
             if self._flush_scheduled:
                 return  # the scheduled flush will take this step too
@@ -195,7 +202,9 @@ class DemoController:
         if not steps:
             return
         info = self._run_info()
-        self.state.param.update(status="running", steps_done=self.state.steps_done + len(steps),
+        # A flush timed for a run that has since failed or been answered says nothing new.
+        status = "running" if self.state.status in ("queued", "running") else self.state.status
+        self.state.param.update(status=status, steps_done=self.state.steps_done + len(steps),
                                 queue_position=0)
         self.timeline.add_steps(steps, info)
         self.kv_memory.add_steps(steps, info)
@@ -216,6 +225,8 @@ class DemoController:
         if outcome.cancelled:
             return  # a newer submission replaced this one; its own result will come
         if outcome.error is not None:
+            with self._lock:  # its last steps would be drawn over the restored plots
+                self._pending_steps.clear()
             self.state.param.update(status="failed", notice=outcome.error)
             self.notice.show(outcome.error + " The plots keep the last measured run.", "danger")
             if self.trace is not None:

@@ -138,21 +138,27 @@ def test_live_updates_during_a_run_are_rate_limited(controller, monkeypatch):
     # Every live update is work for the server's loop that competes with the measured run; the
     # first step of a burst is shown at once, later ones wait out LIVE_UPDATE_S together.
     from lab import demo as demo_module
+    from lab.service import Outcome
 
     assert controller.service.wait_idle(180)
+    monkeypatch.setattr(demo_module, "LIVE_UPDATE_S", 10.0)  # whatever LAB_LIVE_UPDATE_S says
     hops = []
     monkeypatch.setattr(controller, "_hop", lambda fn, *args: hops.append((fn.__name__, args)))
-    controller._flush_scheduled, controller._last_flush = False, 0.0
-    controller._step_from_worker("step 0")
-    assert hops == [("_flush_steps", ())]  # nothing shown for a while: at once
-    monkeypatch.setattr(controller.timeline, "add_steps", lambda steps, info: None)
+    drawn = []
+    monkeypatch.setattr(controller.timeline, "add_steps", lambda steps, info: drawn.extend(steps))
     monkeypatch.setattr(controller.kv_memory, "add_steps", lambda steps, info: None)
+    controller._flush_scheduled, controller._last_flush = False, 0.0
+    controller.state.status = "running"
+    run = controller._run_id
+    controller._step_from_worker(run, "step 0")
+    assert hops == [("_flush_steps", ())]  # nothing shown for a while: at once
     controller._flush_steps()
     hops.clear()
     for i in range(1, 5):
-        controller._step_from_worker(f"step {i}")
+        controller._step_from_worker(run, f"step {i}")
+    controller._step_from_worker(run - 1, "a step of a run the learner moved on from")
     assert len(hops) == 1 and hops[0][0] == "_flush_later"
-    assert 0 < hops[0][1][0] <= demo_module.LIVE_UPDATE_S
+    assert 9.0 < hops[0][1][0] <= 10.0
     assert controller._pending_steps == ["step 1", "step 2", "step 3", "step 4"]
 
     class Loop:  # stands in for a served document's timer
@@ -162,16 +168,21 @@ def test_live_updates_during_a_run_are_rate_limited(controller, monkeypatch):
             self.timers = []
 
         def add_timeout_callback(self, callback, ms):
-            self.timers.append(ms)
+            self.timers.append((callback, ms))
 
     loop = Loop()
     monkeypatch.setattr(controller, "_doc", loop)
     controller._flush_later(hops[0][1][0])
-    assert len(loop.timers) == 1 and 1 <= loop.timers[0] <= demo_module.LIVE_UPDATE_S * 1e3
+    assert len(loop.timers) == 1 and 9_000 < loop.timers[0][1] <= 10_000
     monkeypatch.setattr(controller, "_doc", None)
+    # The run fails before the timer fires: its last steps are dropped, and the late flush
+    # neither draws them nor turns "failed" back into "running".
+    controller._finish(controller.state.key(), Outcome(error="the engine broke"))
     controller._flush_steps()
-    assert controller._pending_steps == [] and not controller._flush_scheduled
-    controller.state.status = "done"  # the flush said "running"; later tests start from done
+    assert drawn == ["step 0"]
+    assert controller.state.status == "failed" and controller._pending_steps == []
+    assert not controller._flush_scheduled
+    controller.state.param.update(status="done", notice="")
 
 
 def test_cpu_threads_come_from_the_environment(monkeypatch):
