@@ -17,10 +17,9 @@ pages may therefore run the engine on fewer BLAS threads (`set_blas_threads`).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import os
 
 import torch
 from threadpoolctl import threadpool_info, threadpool_limits

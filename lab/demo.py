@@ -7,7 +7,6 @@ by touching Bokeh models from the worker. SLO changes only re-judge the last tra
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -36,19 +35,6 @@ from widgets.tpot_batch_plot import TPOTBatchPlot
 
 RUN_CONTROLS = ("batch", "context", "page", "output", "model")
 QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
-# Live plots during a run are updated at most this often. Each update is work for the server's
-# event loop, and that work competes with the run it shows; see `_step_from_worker`.
-def _live_update_s(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 60:
-        raise ValueError(f"LAB_LIVE_UPDATE_S must be seconds from 0 to 60, not {text!r}")
-    return value
-
-
-LIVE_UPDATE_S = _live_update_s(os.environ.get("LAB_LIVE_UPDATE_S", "0.25"))
 
 
 def frozen(doc, fn, *args) -> None:
@@ -172,7 +158,7 @@ class DemoController:
 
     def _step_from_worker(self, run_id: int, step: StepRecord) -> None:
         """On the worker thread: keep the step for the next live update, and schedule one. The
-        first step after a quiet spell is shown at once; later ones wait out LIVE_UPDATE_S."""
+        first step after a quiet spell is shown at once; later ones wait out `limits.live_update_s`."""
         with self._lock:
             if run_id != self._run_id:
                 return  # a run this session has moved on from, still finishing its step
@@ -180,7 +166,7 @@ class DemoController:
             if self._flush_scheduled:
                 return  # the scheduled flush will take this step too
             self._flush_scheduled = True
-            wait_s = self._last_flush + LIVE_UPDATE_S - time.monotonic()
+            wait_s = self._last_flush + self.limits.live_update_s - time.monotonic()
         if wait_s > 0:
             self._hop(self._flush_later, wait_s)
         else:

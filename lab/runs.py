@@ -34,6 +34,9 @@ class Limits:
     # LAB_CPU_THREADS: BLAS threads of CPU runs. One core is left to the server's event loop,
     # which builds and updates pages while runs are measured (engine/cpu_threads.py says why).
     cpu_threads: int = max(1, usable_cores() - 1)
+    # LAB_LIVE_UPDATE_S: the shortest gap between live plot updates during a run. Each update is
+    # work for the server's event loop, and that work competes with the run it shows.
+    live_update_s: float = 0.25
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -41,10 +44,18 @@ class Limits:
         threads = env.get("LAB_CPU_THREADS", "")
         if threads and not (threads.isdigit() and int(threads) >= 1):
             raise ValueError(f"LAB_CPU_THREADS must be a whole number of at least 1, not {threads!r}")
+        gap = env.get("LAB_LIVE_UPDATE_S", str(cls.live_update_s))
+        try:
+            live_update_s = float(gap)
+        except ValueError:
+            live_update_s = -1.0
+        if not 0 <= live_update_s < 60:
+            raise ValueError(f"LAB_LIVE_UPDATE_S must be seconds from 0 to 60, not {gap!r}")
         return cls(kv_budget_bytes=int(float(env.get("LAB_KV_BUDGET_MB", 256)) * 2**20),
                    max_run_s=float(env.get("LAB_MAX_RUN_S", 20.0)),
                    device=env.get("LAB_DEVICE", "auto"),
-                   cpu_threads=int(threads) if threads else cls.cpu_threads)
+                   cpu_threads=int(threads) if threads else cls.cpu_threads,
+                   live_update_s=live_update_s)
 
 
 @dataclass(frozen=True)

@@ -136,12 +136,13 @@ def test_frozen_counts_the_document_once_and_only_when_a_change_asks():
 
 def test_live_updates_during_a_run_are_rate_limited(controller, monkeypatch):
     # Every live update is work for the server's loop that competes with the measured run; the
-    # first step of a burst is shown at once, later ones wait out LIVE_UPDATE_S together.
-    from lab import demo as demo_module
+    # first step of a burst is shown at once, later ones wait out `live_update_s` together.
+    from dataclasses import replace
+
     from lab.service import Outcome
 
     assert controller.service.wait_idle(180)
-    monkeypatch.setattr(demo_module, "LIVE_UPDATE_S", 10.0)  # whatever LAB_LIVE_UPDATE_S says
+    monkeypatch.setattr(controller, "limits", replace(controller.limits, live_update_s=10.0))
     hops = []
     monkeypatch.setattr(controller, "_hop", lambda fn, *args: hops.append((fn.__name__, args)))
     drawn = []
@@ -196,10 +197,14 @@ def test_cpu_threads_come_from_the_environment(monkeypatch):
             Limits.from_env()
 
 
-def test_live_update_gap_must_be_a_sane_number_of_seconds():
-    from lab.demo import _live_update_s
+def test_live_update_gap_must_be_a_sane_number_of_seconds(monkeypatch):
+    def gap(text: str) -> float:
+        monkeypatch.setenv("LAB_LIVE_UPDATE_S", text)
+        return Limits.from_env().live_update_s
 
-    assert _live_update_s("0.25") == 0.25 and _live_update_s("0") == 0.0
+    assert gap("0.25") == 0.25 and gap("0") == 0.0
     for bad in ("fast", "-1", "nan", "inf", "600"):
         with pytest.raises(ValueError, match="LAB_LIVE_UPDATE_S"):
-            _live_update_s(bad)
+            gap(bad)
+    monkeypatch.delenv("LAB_LIVE_UPDATE_S")
+    assert Limits.from_env().live_update_s == Limits().live_update_s == 0.25

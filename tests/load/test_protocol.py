@@ -16,6 +16,20 @@ pytestmark = pytest.mark.browser  # it serves the app, like the browser tests (n
 CHEAP = "batch=1&context=16&page=16&output=2"
 
 
+def test_the_clients_marks_are_the_pages_own() -> None:
+    # The load clients find the status line by its class and read "done" by its first word; both
+    # are written again there, so that a client need not import the page (and panel).
+    import inspect
+
+    from lab import demo_view
+    from lab.demo_view import STATUS_TEXT
+    from lab.load_protocol import DONE_PREFIX, STATUS_MARK
+
+    assert STATUS_TEXT["done"].startswith(DONE_PREFIX)
+    assert not any(text.startswith(DONE_PREFIX) for k, text in STATUS_TEXT.items() if k != "done")
+    assert f'css_classes=["{STATUS_MARK}"]' in inspect.getsource(demo_view)
+
+
 def test_finished_table_ignores_a_stale_one() -> None:
     assert _finished_table('&lt;table class=&quot;summary-table&quot;&gt;')
     assert not _finished_table('&lt;table class=&quot;summary-table stale&quot;&gt;')
