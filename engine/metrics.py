@@ -53,6 +53,8 @@ class Summary:
     waste_tokens_peak: int
     contiguous_bytes_peak: int  # what reserving max_len per request would have held at peak
     preemptions: int
+    peak_running: int  # most sequences in one step's running set
+    peak_waiting: int  # most requests queued (for a batch slot or for KV memory) after a step
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,4 +110,6 @@ def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
         waste_tokens_peak=max((s.waste_tokens for s in steps), default=0),
         contiguous_bytes_peak=max((s.contiguous_bytes for s in steps), default=0),
         preemptions=sum(r.preemptions for r in trace.requests),
+        peak_running=max((s.running for s in steps), default=0),
+        peak_waiting=max((s.waiting for s in steps), default=0),
     )
