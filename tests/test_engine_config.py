@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from engine.config import PRESETS, ConfigError, EngineConfig, preset
 from engine.model import Llama
-from engine.workload import WorkloadSpec, make_requests
+from engine.workload import WorkloadSpec, draw_shape, make_requests
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -75,3 +76,29 @@ def test_workload_draws_lengths_in_range_reproducibly() -> None:
     assert [r.id for r in a] == list(range(50)) and all(r.arrival_s == 0.0 for r in a)
     assert make_requests(replace(spec, seed=6), 100) != a
     assert spec.longest == 13
+
+
+def test_lognormal_mix_is_long_tailed_around_its_mean_and_clipped():
+    spec = WorkloadSpec(num_requests=4000, prompt_len=100, output_len=20, mix="lognormal", seed=3)
+    shape = draw_shape(spec)
+    prompts = np.array(shape.prompt_lens)
+    assert abs(prompts.mean() - 100) < 6  # the slider value is the mean
+    assert np.median(prompts) < prompts.mean()  # a long right tail: median below the mean
+    assert prompts.min() >= 1 and prompts.max() == 400 == spec.longest - 4 * 20
+    assert shape == draw_shape(spec)  # seeded
+    reqs = make_requests(spec, 50)
+    assert [len(r.prompt_ids) for r in reqs] == shape.prompt_lens
+
+
+def test_fixed_mix_draws_the_same_requests_as_before_the_mix_existed():
+    # The ids follow the lengths in one seeded stream, as they always did.
+    spec = WorkloadSpec(num_requests=3, prompt_len=4, output_len=2, seed=1)
+    rng = np.random.default_rng(1)
+    assert make_requests(spec, 100)[0].prompt_ids == rng.integers(0, 100, size=4).tolist()
+
+
+def test_unknown_mix_and_lognormal_with_a_range_are_refused():
+    with pytest.raises(ConfigError, match="unknown length mix"):
+        WorkloadSpec(mix="zipf")
+    with pytest.raises(ConfigError, match="no length range"):
+        WorkloadSpec(mix="lognormal", prompt_len_max=300)
