@@ -1,7 +1,9 @@
 """Serving metrics from a trace, defined as vLLM's `bench serve` defines them.
 
 - TTFT = first token time - arrival; queue time = first scheduled - arrival, reported apart.
-- TPOT = (E2E - TTFT) / (n_out - 1) for each request (0 for one-token outputs), then aggregated.
+- TPOT = (E2E - TTFT) / (n_out - 1) for each request. Its mean and percentiles cover only requests
+  with n_out > 1: a one-token reply has no gap after its first token, so `bench serve` leaves it out.
+  `tpot_s` still returns 0 for it, which is used only for goodput: such a request meets any TPOT SLO.
 - ITL = every gap between consecutive tokens, pooled over all requests.
 - E2E = last token time - arrival.
 - Goodput = requests meeting every SLO / duration; SLO attainment = the fraction that meet them.
@@ -50,6 +52,8 @@ class Summary:
     request_throughput_rps: float
     kv_bytes_peak: int
     kv_bytes_capacity: int
+    # Empty slots in last pages at the step of peak KV use (the first such step), the moment
+    # memory is scarcest: the same step the page map and the KV plot describe.
     waste_tokens_peak: int
     contiguous_bytes_peak: int  # what reserving max_len per request would have held at peak
     preemptions: int
@@ -69,7 +73,8 @@ def e2e_s(r: RequestRecord) -> float:
 
 
 def tpot_s(r: RequestRecord) -> float:
-    """Mean time per output token after the first; 0 when only one token was generated."""
+    """Mean time per output token after the first; 0 when only one token was generated (that 0
+    serves goodput only: `summarize` leaves one-token requests out of the TPOT statistics)."""
     n = len(r.output_ids)
     return (e2e_s(r) - ttft_s(r)) / (n - 1) if n > 1 else 0.0
 
@@ -92,12 +97,13 @@ def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
     good = sum(meets(r, slo) for r in trace.requests)
     out_tokens = sum(len(r.output_ids) for r in done)
     steps = trace.steps
+    peak = max(steps, key=lambda s: s.kv_blocks_used, default=None)  # first step at the peak
     return Summary(
         completed=len(done),
         rejected=sum(r.rejected is not None for r in trace.requests),
         duration_s=duration,
         ttft_ms=Stats.of([ttft_s(r) * 1e3 for r in done]),
-        tpot_ms=Stats.of([tpot_s(r) * 1e3 for r in done]),
+        tpot_ms=Stats.of([tpot_s(r) * 1e3 for r in done if len(r.output_ids) > 1]),
         itl_ms=Stats.of([x * 1e3 for x in itl]),
         e2e_ms=Stats.of([e2e_s(r) * 1e3 for r in done]),
         queue_ms=Stats.of([(r.scheduled_s - r.arrival_s) * 1e3 for r in done]),
@@ -107,7 +113,7 @@ def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
         request_throughput_rps=len(done) / duration if duration > 0 else 0.0,
         kv_bytes_peak=max((s.kv_bytes_used for s in steps), default=0),
         kv_bytes_capacity=trace.kv_bytes_capacity,
-        waste_tokens_peak=max((s.waste_tokens for s in steps), default=0),
+        waste_tokens_peak=peak.waste_tokens if peak is not None else 0,
         contiguous_bytes_peak=max((s.contiguous_bytes for s in steps), default=0),
         preemptions=sum(r.preemptions for r in trace.requests),
         peak_running=max((s.running for s in steps), default=0),
