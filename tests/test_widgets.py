@@ -16,7 +16,7 @@ from engine.analytic import DeviceProbe, kv_bytes, waste_tokens
 from engine.config import SLO, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.metrics import summarize
-from engine.records import PageSnapshot
+from engine.records import PageSnapshot, RequestRecord, Trace
 from engine.workload import WorkloadSpec
 from widgets.device_banner import DeviceBanner
 from widgets.kv_memory_plot import KVMemoryPlot
@@ -157,6 +157,25 @@ def test_latency_plot_counts_and_colours_by_slo(run):
     assert f"{len(trace.requests)} of {len(trace.requests)} requests met" in c.text
     c.show(trace, summary, SLO())
     assert not c.ttft_span.visible and "no targets set" in c.text
+
+
+def test_latency_plot_leaves_one_token_requests_out_of_tpot():
+    """A one-token reply has no TPOT: no mark at 0 ms, but it still meets the TPOT target."""
+    def req(i, times):
+        return RequestRecord(id=i, prompt_ids=[1], max_tokens=len(times), arrival_s=0.0,
+                             scheduled_s=0.0, first_token_s=times[0], token_times_s=times,
+                             output_ids=[0] * len(times), finish_s=times[-1])
+
+    trace = Trace(device="CPU: test", model="tiny", config={}, block_size=16, num_blocks=4,
+                  block_bytes=1024, kv_bytes_capacity=4096, duration_s=1.0, steps=[],
+                  requests=[req(0, [0.1, 0.2, 0.3]), req(1, [0.1])])
+    slo = SLO(tpot_ms=150)
+    c = LatencyPlot()
+    c.show(trace, summarize(trace, slo), slo)
+    assert c.source.data["tpot_ms"][0] == pytest.approx(100)
+    assert math.isnan(c.source.data["tpot_ms"][1])
+    assert c.source.data["status"] == ["met both SLOs", "met both SLOs"]
+    assert "TPOT p50 100 ms" in c.text and "1 request(s) generated a single token" in c.text
 
 
 def test_timeline_text_names_largest_step(run):

@@ -2,6 +2,8 @@
 
 Two small figures share the request axis: TTFT above (prefill plus queueing), TPOT below (decode).
 A dashed line marks each target; the y ranges always reach the target so that headroom is visible.
+A one-token request has no TPOT: it is left off the lower figure and out of the TPOT percentiles (as
+vLLM's `bench serve` does), and it counts as meeting the TPOT target.
 Rejected requests have no latency to draw; they count as misses in the title and the text.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from widgets.base import PlotComponent
 from widgets.style import (MET, MISSED, TARGET, add_hover, empty, fmt_ms, fmt_num, make_figure)
 
 STATUSES = ["met both SLOs", "missed an SLO"]
+NAN = float("nan")  # a one-token request's TPOT: Bokeh draws no mark for it
 COLUMNS = ("request", "ttft_ms", "tpot_ms", "status", "tokens")
 TOOLTIPS = [("request", "@request"), ("TTFT", "@ttft_ms{0.000} ms"),
             ("TPOT", "@tpot_ms{0.000} ms"), ("output tokens", "@tokens"), ("", "@status")]
@@ -73,7 +76,7 @@ class LatencyPlot(PlotComponent):
         data = {
             "request": [r.id for r in done],
             "ttft_ms": [ttft_s(r) * 1e3 for r in done],
-            "tpot_ms": [tpot_s(r) * 1e3 for r in done],
+            "tpot_ms": [tpot_s(r) * 1e3 if len(r.output_ids) > 1 else NAN for r in done],
             "status": [STATUSES[0] if meets(r, slo) else STATUSES[1] for r in done],
             "tokens": [len(r.output_ids) for r in done],
         }
@@ -86,7 +89,7 @@ class LatencyPlot(PlotComponent):
             span.visible = target is not None
             if target is not None:
                 span.location = target
-            top = max(values + [target or 0.0, 1e-3])
+            top = max([v for v in values if v == v] + [target or 0.0, 1e-3])  # NaN: no TPOT
             fig.y_range.update(start=0, end=top * 1.3)  # room for the legend above the marks
         self.ttft_fig.title.text = (
             f"TTFT per request · goodput {fmt_num(summary.goodput_rps)} req/s · "
@@ -94,10 +97,11 @@ class LatencyPlot(PlotComponent):
             + (f" · dashed: τ_TTFT = {fmt_ms(slo.ttft_ms)}" if slo.ttft_ms is not None else ""))
         self.tpot_fig.title.text = "TPOT per request" + (
             f" · dashed: τ_TPOT = {fmt_ms(slo.tpot_ms)}" if slo.tpot_ms is not None else "")
-        self.text = self._describe(trace, summary, slo, data["status"].count(STATUSES[0]))
+        self.text = self._describe(trace, summary, slo, data["status"].count(STATUSES[0]),
+                                   sum(n == 1 for n in data["tokens"]))
 
     @staticmethod
-    def _describe(trace: Trace, summary: Summary, slo: SLO, good: int) -> str:
+    def _describe(trace: Trace, summary: Summary, slo: SLO, good: int, one_token: int) -> str:
         """The text equivalent: how many met the SLOs, goodput, and the percentiles."""
         targets = ", ".join(f"{name} ≤ {fmt_ms(v)}" for name, v in
                             (("TTFT", slo.ttft_ms), ("TPOT", slo.tpot_ms)) if v is not None)
@@ -108,6 +112,10 @@ class LatencyPlot(PlotComponent):
             f"TTFT p50 {fmt_ms(summary.ttft_ms.p50)}, p90 {fmt_ms(summary.ttft_ms.p90)}; "
             f"TPOT p50 {fmt_ms(summary.tpot_ms.p50)}, p90 {fmt_ms(summary.tpot_ms.p90)}.",
         ]
+        if one_token:
+            lines.append(f"{one_token} request(s) generated a single token and so have no TPOT: "
+                         "they are left out of the TPOT percentiles and count as meeting the TPOT "
+                         "target.")
         if summary.rejected:
             lines.append(f"{summary.rejected} request(s) were rejected and count as misses.")
         return " ".join(lines)
