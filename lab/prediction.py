@@ -64,8 +64,9 @@ def grade(control: str, before_value: float, after_value: float, before_metric: 
           after_metric: float, choice: str, content: Content) -> Verdict:
     """Grade a choice (a choice id or a direction) for one control move against the measurements.
 
-    The questions are about raising a control; when it was lowered, the change is sign-flipped
-    before grading, as content/predictions.yaml describes.
+    The questions are about raising a control. When it was lowered, the move is read the other way
+    round, from the lower setting's run to the higher one's, so the change is measured against the
+    same base either way: 8 -> 16 and 16 -> 8 over the same two runs get mirror verdicts.
     """
     spec = content.prediction(control)
     chosen = next((c["direction"] for c in spec["choices"] if choice in (c["id"], c["direction"])),
@@ -74,7 +75,7 @@ def grade(control: str, before_value: float, after_value: float, before_metric: 
         raise KeyError(f"control {control!r} has no choice {choice!r}")
     raw = relative_change(before_metric, after_metric)
     lowered = after_value < before_value
-    graded = -raw if lowered else raw
+    graded = relative_change(after_metric, before_metric) if lowered else raw
     observed = direction(graded, content.predictions["thresholds"])
     numbers = {"control": control, "before_value": before_value, "after_value": after_value,
                "metric": spec["metric"], "metric_label": spec["metric_label"],

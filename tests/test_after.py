@@ -69,16 +69,28 @@ def test_grade_agrees_only_with_the_observed_direction(content, observed, choice
     assert (v.numbers["before"], v.numbers["after"]) == (10.0, after)
 
 
-def test_lowering_a_control_flips_the_sign(content):
-    # Batch 16 -> 8 halves TPOT: read as the raise 8 -> 16, that is a rise of 50%, "a lot".
+def test_lowering_a_control_reads_the_move_in_reverse(content):
+    # Batch 16 -> 8 halves TPOT: read as the raise 8 -> 16, TPOT doubles, a rise of 100%.
     v = grade("batch", 16, 8, 10.0, 5.0, "tpot_up_lot", content)
     assert v.agreed and v.observed_direction == "up_lot"
     assert v.numbers["lowered"] and v.numbers["change"] == pytest.approx(-0.5)
-    assert v.numbers["graded_change"] == pytest.approx(0.5)
+    assert v.numbers["graded_change"] == pytest.approx(1.0)
     # Lowering the page size while waste grows means raising it would shrink waste.
     v = grade("page", 64, 16, 100, 130, "waste_down", content)
     assert v.agreed and v.observed_direction == "down"
     assert not grade("page", 64, 16, 100, 130, "waste_up_little", content).agreed
+
+
+@pytest.mark.parametrize("low, high", [(10.0, 14.0), (10.0, 9.5), (10.0, 8.5), (10.0, 16.0),
+                                       (0.0, 3.0), (4.0, 0.0)])
+def test_raising_and_lowering_over_the_same_runs_mirror(content, low, high):
+    """8 -> 16 and 16 -> 8 over the same two runs (metric `low` at batch 8, `high` at 16) are graded
+    on one change, measured from the batch-8 run: same direction, same graded number."""
+    up = grade("batch", 8, 16, low, high, "tpot_flat", content)
+    down = grade("batch", 16, 8, high, low, "tpot_flat", content)
+    assert down.observed_direction == up.observed_direction
+    assert down.numbers["graded_change"] == up.numbers["graded_change"]
+    assert down.agreed is up.agreed
 
 
 def test_zero_baseline(content):
