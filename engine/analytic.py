@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.config import ModelConfig
+
 
 def kv_bytes(T: int, layers: int, h_kv: int, d_head: int, batch: int = 1,
              bytes_per_elem: int = 2) -> int:
@@ -37,9 +39,26 @@ def decode_tpot_floor_s(weight_bytes: int, kv_bytes_read: int, bandwidth_bytes_s
     return (weight_bytes + kv_bytes_read) / bandwidth_bytes_s
 
 
-def prefill_ttft_floor_s(params: int, tokens: int, flops_per_s: float) -> float:
-    """Prefill costs about 2 FLOPs per parameter per prompt token: TTFT >= 2 * N * T / FLOP/s."""
-    return 2 * params * tokens / flops_per_s
+def prefill_ttft_floor_s(params: int, tokens: int, flops_per_s: float,
+                         head_params: int = 0) -> float:
+    """Prefill multiplies every prompt token by every layer weight (2 FLOPs each) and only the last
+    token by the LM head: TTFT >= 2 * (N * T + N_head) / FLOP/s, with N = `layer_params`."""
+    return 2 * (params * tokens + head_params) / flops_per_s
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Weights each token is multiplied by inside the decoder layers: the attention and MLP
+    projections. The embedding table is a lookup and the norms scale elementwise, so neither
+    costs matmul FLOPs; the LM head (`head_params`) runs only where logits are needed."""
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    return cfg.num_hidden_layers * (d * q + 2 * d * kv + q * d + 3 * d * f)
+
+
+def head_params(cfg: ModelConfig) -> int:
+    """Weights of the LM head (hidden -> vocabulary logits), applied once per sampled token."""
+    return cfg.vocab_size * cfg.hidden_size
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import engine.model
 from engine import analytic
 from engine.config import PRESETS, EngineConfig
 from engine.llm_engine import LLMEngine
@@ -40,6 +41,29 @@ def test_kv_bytes_matches_the_model_config() -> None:
 def test_roofline_floors() -> None:
     assert analytic.decode_tpot_floor_s(2e9, 1e9, 1e12) == pytest.approx(3e-3)
     assert analytic.prefill_ttft_floor_s(10**9, 512, 1e14) == pytest.approx(2 * 1e9 * 512 / 1e14)
+    assert analytic.prefill_ttft_floor_s(10**9, 512, 1e14, head_params=10**8) == pytest.approx(
+        2 * (1e9 * 512 + 1e8) / 1e14)
+
+
+def test_prefill_floor_counts_only_the_matmuls_a_prefill_must_do(monkeypatch) -> None:
+    """Count the FLOPs of every weight matmul in a real one-request prefill: the floor's work
+    (flops_per_s = 1 makes it a FLOP count) equals them, so the floor cannot exceed the real cost.
+    Charging the LM head for every prompt token (2 * num_params * T) would overshoot it."""
+    flops = []
+    real = engine.model.linear
+
+    def counted(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        flops.append(2 * x.shape[0] * weight.shape[0] * weight.shape[1])
+        return real(x, weight)
+
+    cfg, T = PRESETS["tiny"], 48
+    eng = LLMEngine(EngineConfig(model="tiny", device="cpu", max_num_batched_tokens=T))
+    monkeypatch.setattr(engine.model, "linear", counted)  # after the engine's warm-up step
+    eng.run([Request(0, list(range(T)), 1, 0.0)])  # one step: the prefill, which samples
+    floor = analytic.prefill_ttft_floor_s(analytic.layer_params(cfg), T, 1.0,
+                                          head_params=analytic.head_params(cfg))
+    assert sum(flops) == pytest.approx(floor)
+    assert 2 * cfg.num_params() * T > sum(flops)
 
 
 @pytest.mark.parametrize("block_size", [1, 5, 16])
