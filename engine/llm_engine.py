@@ -1,16 +1,25 @@
 """The serving loop: admit arriving requests, schedule, run, record, repeat.
 
-`LLMEngine(config).run(workload, on_step=...)` returns a `Trace` of measured records. The loop keeps
-real time: requests arrive when their arrival time comes, the loop sleeps when idle, and every step
-is timed with the wall clock (the runner's `.tolist()` waits for the device, so CUDA work is done
-before the clock is read). The engine knows nothing of text or of the page that draws its records.
+Two ways to drive one engine, over one API (`add_request`, `abort`, `step`):
+- `LLMEngine(config).run(workload, on_step=...)`, the closed loop, returns a `Trace` of measured
+  records. It keeps real time: requests arrive when their arrival time comes, the loop sleeps when
+  idle.
+- The HTTP server (`engine.server`) calls `add_request` and `abort` as clients come and go, and
+  `step()` in a loop of its own.
+
+`step()` has nano-vllm's shape: the scheduler picks the batch, the runner runs it, the scheduler
+post-processes. Every step is timed with the wall clock (the sampler's `.tolist()` waits for the
+device, so CUDA work is done before the clock is read). The engine knows nothing of text or of the
+page that draws its records.
 """
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence as Seq
+from dataclasses import replace
 
 import torch
 
@@ -21,6 +30,7 @@ from engine.cuda_graphs import DecodeGraphs, graphs_supported
 from engine.model import KVCache, Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
 from engine.runner import ModelRunner
+from engine.sampling_params import GREEDY, SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
 from engine.weights import load_model
@@ -87,6 +97,7 @@ class LLMEngine:
         self.graphs = (DecodeGraphs(self.model, self.cache, config.max_num_seqs, self.max_len,
                                     scratch_block=self.num_blocks, capture=True)
                        if use_graphs else None)
+        self.reset()
 
     def _default_budget(self) -> int:
         if self.device.type != "cuda":
@@ -101,7 +112,7 @@ class LLMEngine:
         seq = Sequence(RequestRecord(id=-1, prompt_ids=[0, 1], max_tokens=2, arrival_s=0.0))
         for _ in range(2):
             blocks.allocate(seq.id, seq.num_tokens)
-            token = runner.execute(Batch(items=[(seq, seq.remaining)]))
+            token = runner.run(Batch(items=[(seq, seq.remaining)]))
             seq.num_computed = seq.num_tokens
             seq.append(token[seq.id], 0.0)
 
@@ -121,26 +132,82 @@ class LLMEngine:
             raise ConfigError(f"without chunked prefill a request of {shortest} tokens needs "
                               f"max_num_batched_tokens >= {shortest}")
 
-    def _why_never(self, r: Request) -> str | None:
-        """Why one request can never be served here, or None."""
-        total = len(r.prompt_ids) + r.max_tokens
+    def why_never(self, prompt_ids: Seq[int], max_tokens: int) -> str | None:
+        """Why one request can never be served here, or None. Reads only the config: any thread."""
+        total = len(prompt_ids) + max_tokens
         # An empty prompt never gets a chunk and blocked the queue head forever (the loop then
         # raised "made no progress"); zero max_tokens still produced one token.
-        if not r.prompt_ids:
+        if not prompt_ids:
             return "the prompt is empty"
-        if r.max_tokens < 1:
-            return f"max_tokens must be at least 1, got {r.max_tokens}"
+        if max_tokens < 1:
+            return f"max_tokens must be at least 1, got {max_tokens}"
         if total > self.max_len:
             return f"{total} tokens is past the model's maximum of {self.max_len}"
         if blocks_for(total, self.config.block_size) > self.num_blocks:
             return f"{total} tokens need more KV blocks than the cache holds ({self.num_blocks})"
         if not self.config.chunked_prefill and total > self.config.max_num_batched_tokens:
             return f"{total} tokens exceed the per-step token budget without chunked prefill"
-        if any(not 0 <= t < self.model_config.vocab_size for t in r.prompt_ids):
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
             return "prompt holds token ids outside the vocabulary"
         return None
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- the online API: add, abort, step -------------------------------------------------------
+    def reset(self) -> None:
+        """An empty cache, no requests, and time zero now (times in records count from here)."""
+        cfg = self.config
+        self.blocks = BlockManager(self.num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg, self.blocks, self.max_len)
+        self.runner = ModelRunner(self.model, self.cache, self.blocks, self.device, self.graphs)
+        self.num_steps = 0
+        self._t0 = time.perf_counter()
+
+    def now(self) -> float:
+        """Seconds since the last `reset`, the clock of every record."""
+        return time.perf_counter() - self._t0
+
+    def add_request(self, record: RequestRecord, sampling: SamplingParams = GREEDY) -> bool:
+        """Queue a request for the next step; False (and `record.rejected` says why) if it never can.
+
+        A sampled request without a seed gets one here, so that its draws stay fixed from now on.
+        """
+        record.rejected = self.why_never(record.prompt_ids, record.max_tokens)
+        if record.rejected is not None:
+            return False
+        if not sampling.greedy and sampling.seed is None:
+            sampling = replace(sampling, seed=random.getrandbits(63))
+        self.scheduler.add(Sequence(record, sampling))
+        return True
+
+    def abort(self, request_id: int) -> Sequence | None:
+        """Drop a queued or running request now, freeing its blocks; None if it was not here."""
+        return self.scheduler.abort(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> StepRecord | None:
+        """One iteration: schedule, run the batch on the device, then post-process.
+
+        Returns the step's record, or None when nothing could be scheduled (everyone left is
+        waiting for memory that only an arrival or an abort can change).
+        """
+        allocated, freed = self.blocks.allocated_total, self.blocks.freed_total
+        t_start = self.now()
+        batch = self.scheduler.schedule(t_start)
+        if not batch.items:
+            return None
+        items = [ScheduledItem(seq.id, n, not seq.is_decode, seq.num_computed + n)
+                 for seq, n in batch.items]
+        sampled = self.runner.run(batch)
+        t_end = self.now()
+        finished = self.scheduler.finish_step(batch, sampled, t_end)
+        step = self._record(self.num_steps, t_start, t_end, items, batch.preempted, finished,
+                            allocated, freed)
+        self.num_steps += 1
+        return step
+
+    # -- the closed loop -----------------------------------------------------------------------
     def run(self, workload: WorkloadSpec | Seq[Request],
             on_step: Callable[[StepRecord], None] | None = None,
             cancel: threading.Event | None = None) -> Trace:
@@ -159,65 +226,48 @@ class LLMEngine:
             raise ConfigError("request ids must be unique")
         self.check(requests)
         cfg = self.config
-        blocks = BlockManager(self.num_blocks, cfg.block_size)
-        scheduler = Scheduler(cfg, blocks, self.max_len)
-        runner = ModelRunner(self.model, self.cache, blocks, self.device, self.graphs)
         records = [RequestRecord(id=r.id, prompt_ids=list(r.prompt_ids), max_tokens=r.max_tokens,
                                  arrival_s=r.arrival_s) for r in requests]
         pending = deque(sorted(zip(requests, records), key=lambda rr: rr[0].arrival_s))
         steps: list[StepRecord] = []
         peak: PageSnapshot | None = None
         peak_blocks = 0
-        t0 = time.perf_counter()
+        self.reset()
 
-        def now() -> float:
-            return time.perf_counter() - t0
-
-        while pending or scheduler.has_work:
+        while pending or self.has_work:
             if cancel is not None and cancel.is_set():
                 raise Cancelled()
-            while pending and pending[0][0].arrival_s <= now():
-                request, record = pending.popleft()
-                record.rejected = self._why_never(request)
-                if record.rejected is None:
-                    scheduler.add(Sequence(record))
-            if not scheduler.has_work:
+            while pending and pending[0][0].arrival_s <= self.now():
+                self.add_request(pending.popleft()[1])
+            if not self.has_work:
                 if pending:
-                    time.sleep(max(0.0, pending[0][0].arrival_s - now()))
+                    time.sleep(max(0.0, pending[0][0].arrival_s - self.now()))
                 continue
-            allocated, freed = blocks.allocated_total, blocks.freed_total
-            t_start = now()
-            batch = scheduler.schedule(t_start)
-            if not batch.items:
-                if pending:  # everyone left is waiting for memory that an arrival cannot free
-                    time.sleep(max(0.0, pending[0][0].arrival_s - now()))
-                    continue
-                raise RuntimeError("scheduler made no progress with work left; this is a bug")
-            items = [ScheduledItem(seq.id, n, not seq.is_decode, seq.num_computed + n)
-                     for seq, n in batch.items]
-            sampled = runner.execute(batch)
-            t_end = now()
-            finished = scheduler.finish_step(batch, sampled, t_end)
-            step = self._record(len(steps), t_start, t_end, items, batch.preempted, scheduler,
-                                blocks, finished, allocated, freed)
+            step = self.step()
+            if step is None:
+                if not pending:  # work left, nothing schedulable, and no arrival to change that
+                    raise RuntimeError("scheduler made no progress with work left; this is a bug")
+                time.sleep(max(0.0, pending[0][0].arrival_s - self.now()))
+                continue
             steps.append(step)
             if peak is None or step.kv_blocks_used > peak_blocks:
                 peak_blocks = step.kv_blocks_used
                 peak = PageSnapshot(step.index, cfg.block_size, self.num_blocks,
-                                    {k: list(v) for k, v in blocks.block_tables.items()},
-                                    dict(blocks.num_tokens))
+                                    {k: list(v) for k, v in self.blocks.block_tables.items()},
+                                    dict(self.blocks.num_tokens))
             if on_step is not None:
                 on_step(step)
         return Trace(device=self.device_name, model=cfg.model, config=cfg.to_json(),
                      requests=records, steps=steps, block_size=cfg.block_size,
                      num_blocks=self.num_blocks, block_bytes=self.block_bytes,
-                     kv_bytes_capacity=self.num_blocks * self.block_bytes, duration_s=now(),
+                     kv_bytes_capacity=self.num_blocks * self.block_bytes, duration_s=self.now(),
                      peak_snapshot=peak, weight_bytes=self.model.weight_bytes())
 
     def _record(self, index: int, t_start: float, t_end: float, items: list[ScheduledItem],
-                preempted: list[int], scheduler: Scheduler, blocks: BlockManager,
-                finished: list[int], allocated: int, freed: int) -> StepRecord:
+                preempted: list[int], finished: list[int], allocated: int,
+                freed: int) -> StepRecord:
         """The step's counts, read from the allocator after the step."""
+        scheduler, blocks = self.scheduler, self.blocks
         decode_seqs = sum(not it.is_prefill for it in items)
         token_bytes = self.block_bytes // self.config.block_size
         return StepRecord(

@@ -2,7 +2,8 @@
 
 The only module between bookkeeping and torch: it reads block tables from the block manager to build
 slot mappings and per-sequence tables, puts decodes first in the flat batch (the model's attention
-expects that), and returns greedy tokens for every sequence whose chunk reached its last token.
+expects that), and returns a token (chosen by `engine.sampler`) for every sequence whose chunk
+reached its last token.
 A pure-decode batch goes through `DecodeGraphs` when the runner is given one (CUDA runs).
 """
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 from engine.block_manager import BlockManager
 from engine.cuda_graphs import DecodeGraphs
 from engine.model import AttentionMetadata, KVCache, Llama, PrefillChunk
+from engine.sampler import sample
 from engine.scheduler import Batch
+from engine.sequence import Sequence
 
 
 class ModelRunner:
@@ -24,14 +27,14 @@ class ModelRunner:
         self.device = device
         self.graphs = graphs  # replays pure-decode steps; None runs every step eagerly
 
-    def execute(self, batch: Batch) -> dict[int, int]:
+    def run(self, batch: Batch) -> dict[int, int]:
         """One forward pass over `batch`; returns {request id: sampled token}."""
         items = sorted(batch.items, key=lambda it: not it[0].is_decode)  # decodes first
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
-        sample_for: list[int] = []
+        sample_for: list[Sequence] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
@@ -52,15 +55,17 @@ class ModelRunner:
                     table[:-(-stop // p)], dtype=torch.long, device=self.device)))
             if stop == seq.num_tokens:
                 logit_rows.append(len(ids) - 1)
-                sample_for.append(seq.id)
+                sample_for.append(seq)
         if (self.graphs is not None and decode_tables and not prefills
                 and len(decode_tables) <= self.graphs.max_batch):
             logits = self.graphs.run(ids, positions, slots, decode_tables, decode_lens)
         else:
             logits = self._eager(ids, positions, slots, decode_tables, decode_lens, prefills,
                                  logit_rows)
-        tokens = logits.argmax(dim=-1).tolist()  # greedy; .tolist() also waits for the device
-        return dict(zip(sample_for, tokens))
+        # Every row, even the placeholder of a step that samples nothing: `.tolist()` in `sample`
+        # waits for the device, so the step's clock stops after its kernels.
+        tokens = sample(logits, [s.sampling for s in sample_for], [s.num_tokens for s in sample_for])
+        return {seq.id: token for seq, token in zip(sample_for, tokens)}
 
     def _eager(self, ids: list[int], positions: list[int], slots: list[int],
                decode_tables: list[list[int]], decode_lens: list[int],

@@ -46,6 +46,20 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Drop a request wherever it is (its client left); its blocks are free when this returns."""
+        seq = next((s for s in (*self.waiting, *self.running) if s.id == seq_id), None)
+        if seq is None:
+            return None
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.blocks.free(seq_id)
+        self.contiguous.free(seq_id)
+        seq.status = Status.FINISHED
+        return seq
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

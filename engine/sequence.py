@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 
 from engine.records import RequestRecord
+from engine.sampling_params import GREEDY, SamplingParams
 
 
 class Status(enum.Enum):
@@ -19,8 +20,9 @@ class Sequence:
     step samples a new one. A decode is the case where exactly one token is left to feed.
     """
 
-    def __init__(self, record: RequestRecord) -> None:
+    def __init__(self, record: RequestRecord, sampling: SamplingParams = GREEDY) -> None:
         self.record = record
+        self.sampling = sampling
         self.token_ids: list[int] = list(record.prompt_ids)
         self.num_computed = 0
         self.status = Status.WAITING
@@ -44,8 +46,19 @@ class Sequence:
         return self.remaining == 1 and bool(self.record.output_ids)
 
     @property
+    def stopped(self) -> bool:
+        """The last output token is one of the request's stop tokens (EOS, say)."""
+        out = self.record.output_ids
+        return bool(out) and out[-1] in self.sampling.stop_token_ids
+
+    @property
     def done(self) -> bool:
-        return len(self.record.output_ids) >= self.record.max_tokens
+        return self.stopped or len(self.record.output_ids) >= self.record.max_tokens
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's names: `stop` for a stop token, `length` for reaching max_tokens."""
+        return "stop" if self.stopped else "length"
 
     def append(self, token: int, now: float) -> None:
         """Record a sampled token and when it came."""

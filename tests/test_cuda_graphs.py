@@ -83,8 +83,8 @@ class Pair:
         for seq, n in items:
             self.blocks.allocate(seq.id, seq.num_computed + n)
             self.touched.update(self.blocks.block_tables[seq.id])
-        want = self.plain.execute(Batch(items=list(items)))
-        got = self.padded.execute(Batch(items=list(items)))
+        want = self.plain.run(Batch(items=list(items)))
+        got = self.padded.run(Batch(items=list(items)))
         assert got == want
         rows = self.graph_model.last  # (rows, vocab)
         if all(seq.is_decode for seq, _ in items) and len(items) <= self.graphs.max_batch:

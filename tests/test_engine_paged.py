@@ -111,7 +111,7 @@ class Harness:
         order = sorted(items, key=lambda it: not it[0].is_decode)
         rows = [(seq.id, pos) for seq, n in order for pos in range(seq.num_computed,
                                                                     seq.num_computed + n)]
-        sampled = self.runner.execute(Batch(items=list(items)))
+        sampled = self.runner.run(Batch(items=list(items)))
         for row, key in enumerate(rows):
             self.logits[key] = self.capture.last[row]
         for seq, n in items:

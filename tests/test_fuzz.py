@@ -211,7 +211,7 @@ def test_a_shared_waiting_job_survives_its_first_session_moving_on():
 def test_an_exception_inside_the_real_engine_fails_only_that_job(monkeypatch):
     from engine import llm_engine
     shelf = ModelShelf("cpu")
-    real = llm_engine.ModelRunner.execute
+    real = llm_engine.ModelRunner.run
     armed = {"calls": 0}
 
     def faulty(self, batch):
@@ -222,7 +222,7 @@ def test_an_exception_inside_the_real_engine_fails_only_that_job(monkeypatch):
                 raise RuntimeError("simulated device fault")
         return real(self, batch)
 
-    monkeypatch.setattr(llm_engine.ModelRunner, "execute", faulty)
+    monkeypatch.setattr(llm_engine.ModelRunner, "run", faulty)
     service = EngineService()
     got: dict[str, Outcome] = {}
     done = threading.Event()
