@@ -75,8 +75,8 @@ def e2e_s(r: RequestRecord) -> float:
 def tpot_s(r: RequestRecord) -> float:
     """Mean time per output token after the first; 0 when only one token was generated (that 0
     serves goodput only: `summarize` leaves one-token requests out of the TPOT statistics)."""
-    n = len(r.output_ids)
-    return (e2e_s(r) - ttft_s(r)) / (n - 1) if n > 1 else 0.0
+    n_out = len(r.output_ids)
+    return (e2e_s(r) - ttft_s(r)) / (n_out - 1) if n_out > 1 else 0.0
 
 
 def meets(r: RequestRecord, slo: SLO) -> bool:
@@ -86,6 +86,12 @@ def meets(r: RequestRecord, slo: SLO) -> bool:
     if slo.ttft_ms is not None and ttft_s(r) * 1e3 > slo.ttft_ms:
         return False
     return slo.tpot_ms is None or tpot_s(r) * 1e3 <= slo.tpot_ms
+
+
+def goodput(requests: list[RequestRecord], slo: SLO, duration_s: float) -> float:
+    """Requests per second that met every SLO: |{r : meets(r, slo)}| / D."""
+    good = sum(meets(r, slo) for r in requests)
+    return good / duration_s if duration_s > 0 else 0.0
 
 
 def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
@@ -107,7 +113,7 @@ def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
         itl_ms=Stats.of([x * 1e3 for x in itl]),
         e2e_ms=Stats.of([e2e_s(r) * 1e3 for r in done]),
         queue_ms=Stats.of([(r.scheduled_s - r.arrival_s) * 1e3 for r in done]),
-        goodput_rps=good / duration if duration > 0 else 0.0,
+        goodput_rps=goodput(trace.requests, slo, duration),
         slo_attainment=good / len(trace.requests) if trace.requests else 0.0,
         throughput_tok_s=out_tokens / duration if duration > 0 else 0.0,
         request_throughput_rps=len(done) / duration if duration > 0 else 0.0,

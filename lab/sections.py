@@ -1,6 +1,6 @@
 """The page's reading sections, built from `content/`: header, concept structure, learning map,
-01 Intuition, 02 Math and 03 Code. The code section shows the engine's real source and re-runs it
-on the current slider values.
+01 Intuition, 02 Math and 03 Code. The code section shows the engine's real source (the analytic
+formulas, re-run on the current slider values, and the metrics that summarise every measured run).
 """
 from __future__ import annotations
 
@@ -11,15 +11,34 @@ from pathlib import Path
 
 import panel as pn
 
-from engine import analytic
+from engine import analytic, metrics
+from engine.config import ModelConfig
 from lab.content import Content
 from lab.state import LabState
 
-# The analytic functions the code section shows, read from their source so they cannot drift.
-SHOWN_FUNCTIONS = (analytic.kv_bytes, analytic.kv_gb, analytic.waste_tokens,
-                   analytic.decode_tpot_floor_s)
+# The functions the code section shows, per source file, read with inspect so they cannot drift.
+# Every name in a math table's "in the code" column appears in this source (a test checks it).
+SHOWN_FUNCTIONS = {
+    "engine/analytic.py": (analytic.kv_bytes, analytic.kv_gb, analytic.waste_tokens,
+                           analytic.decode_tpot_floor_s, analytic.prefill_ttft_floor_s,
+                           analytic.layer_params, analytic.head_params),
+    "engine/metrics.py": (metrics.ttft_s, metrics.e2e_s, metrics.tpot_s, metrics.meets,
+                          metrics.goodput),
+}
 # The reference model of the math section: 80 layers, 8 KV heads, d_head 128, fp16.
 REFERENCE = {"layers": 80, "h_kv": 8, "d_head": 128, "bytes_per_elem": 2}
+# The same 70B-class shape as a whole model (Llama 2 70B's sizes), for the weight and FLOP floors.
+REFERENCE_MODEL = ModelConfig(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                              num_hidden_layers=80, num_attention_heads=64,
+                              num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+H100_BANDWIDTH = 3.35e12  # bytes/s, an H100 SXM's HBM3 (datasheet)
+H100_FLOPS = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet)
+
+
+def shown_source() -> dict[str, str]:
+    """The source text the code section shows, per file."""
+    return {path: "\n\n".join(inspect.getsource(fn) for fn in fns)
+            for path, fns in SHOWN_FUNCTIONS.items()}
 CSS = Path(__file__).with_name("lab.css").read_text()
 
 
@@ -109,7 +128,7 @@ def math_section(content: Content) -> pn.Column:
 
 
 def code_outputs(state: LabState) -> str:
-    """Run the shown functions on the current sliders; returns markdown with each call and result."""
+    """Run the analytic functions on the current sliders; returns markdown with each call and result."""
     T = state.context + state.output
     P = state.page
     B = state.batch
@@ -117,30 +136,35 @@ def code_outputs(state: LabState) -> str:
     kv = analytic.kv_gb(T, ref["layers"], ref["h_kv"], ref["d_head"], batch=B,
                         bytes_per_elem=ref["bytes_per_elem"])
     waste = analytic.waste_tokens(T, P)
-    weights = 70e9 * 2  # a 70B-parameter model in fp16
-    bandwidth = 3.35e12  # an H100 SXM's HBM3, in bytes/s
-    floor = analytic.decode_tpot_floor_s(int(weights), analytic.kv_bytes(
-        T, ref["layers"], ref["h_kv"], ref["d_head"], batch=B), bandwidth)
+    weights = REFERENCE_MODEL.num_params() * ref["bytes_per_elem"]
+    decode = analytic.decode_tpot_floor_s(weights, analytic.kv_bytes(
+        T, ref["layers"], ref["h_kv"], ref["d_head"], batch=B), H100_BANDWIDTH)
+    prefill = analytic.prefill_ttft_floor_s(
+        analytic.layer_params(REFERENCE_MODEL), state.context, H100_FLOPS,
+        head_params=analytic.head_params(REFERENCE_MODEL))
     lines = [
         f"kv_gb(T={T}, layers=80, h_kv=8, d_head=128, batch={B}, bytes_per_elem=2)  # -> {kv:.2f} GB",
         f"waste_tokens(T={T}, P={P})  # -> {waste} empty slots per sequence, {waste * B} in the batch",
-        f"decode_tpot_floor_s(weight_bytes=140e9, kv_bytes_read=kv_bytes(...), bandwidth_bytes_s=3.35e12)"
-        f"  # -> {floor * 1e3:.1f} ms per token",
+        f"decode_tpot_floor_s(weight_bytes={weights / 1e9:.0f}e9, kv_bytes_read=kv_bytes(...), "
+        f"bandwidth_bytes_s=3.35e12)  # -> {decode * 1e3:.1f} ms per token",
+        f"prefill_ttft_floor_s(layer_params(model), tokens={state.context}, flops_per_s=989e12, "
+        f"head_params=head_params(model))  # -> {prefill * 1e3:.2f} ms",
     ]
     return ("With T = context + output = "
             f"{T} tokens, P = {P} and B = {B} from the sliders (the 70B-class reference model of "
-            "the math section; the bandwidth is an H100's datasheet figure, not a measurement):\n\n"
+            "the math section, Llama 2 70B's shape in fp16; the bandwidth and FLOP rate are an "
+            "H100's datasheet figures, not measurements):\n\n"
             "```python\n" + "\n".join(lines) + "\n```")
 
 
 def code_section(content: Content, state: LabState) -> pn.Column:
-    source = "\n\n".join(inspect.getsource(fn) for fn in SHOWN_FUNCTIONS)
+    sources = [pn.pane.Markdown(f"From `{path}`:\n\n```python\n{source}```",
+                                sizing_mode="stretch_width", css_classes=["code-source"])
+               for path, source in shown_source().items()]
     live = pn.pane.Markdown(pn.bind(lambda *_: code_outputs(state), state.param.batch,
                                     state.param.context, state.param.page, state.param.output),
                             sizing_mode="stretch_width", css_classes=["code-output"])
     return pn.Column(
         section_heading(content, "code"),
         pn.pane.Markdown(content.code, sizing_mode="stretch_width"),
-        pn.pane.Markdown(f"From `engine/analytic.py`:\n\n```python\n{source}```",
-                         sizing_mode="stretch_width", css_classes=["code-source"]),
-        live, sizing_mode="stretch_width", css_classes=["lab-section"])
+        sources[0], live, *sources[1:], sizing_mode="stretch_width", css_classes=["lab-section"])

@@ -71,7 +71,7 @@ def test_math_has_the_named_formulas(content):
     assert {"latency", "kv_memory", "goodput", "paging_waste", "roofline"} <= ids
     codes = {s["code_name"] for block in content.math for s in block["symbols"]}
     assert {"n_out", "batch", "layers", "T", "h_kv", "d_head", "bytes_per_elem",
-            "ttft_slo_ms", "tpot_slo_ms", "P"} <= codes
+            "slo.ttft_ms", "slo.tpot_ms", "P", "head_params"} <= codes
     assert "first token" in content.formula("tpot")["explanation"]
 
 
