@@ -136,7 +136,9 @@ def code_outputs(state: LabState) -> str:
     kv = analytic.kv_gb(T, ref["layers"], ref["h_kv"], ref["d_head"], batch=B,
                         bytes_per_elem=ref["bytes_per_elem"])
     waste = analytic.waste_tokens(T, P)
-    weights = REFERENCE_MODEL.num_params() * ref["bytes_per_elem"]
+    # A decode step reads every matrix it multiplies by; of the embedding table only B rows.
+    weights = (analytic.layer_params(REFERENCE_MODEL)
+               + analytic.head_params(REFERENCE_MODEL)) * ref["bytes_per_elem"]
     decode = analytic.decode_tpot_floor_s(weights, analytic.kv_bytes(
         T, ref["layers"], ref["h_kv"], ref["d_head"], batch=B), H100_BANDWIDTH)
     prefill = analytic.prefill_ttft_floor_s(
