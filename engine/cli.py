@@ -16,6 +16,7 @@ import torch
 
 from engine.config import ConfigError, EngineConfig, SLO
 from engine.cpu_threads import set_blas_threads
+from engine.limits import check_cli_run
 from engine.llm_engine import LLMEngine
 from engine.metrics import Summary, summarize
 from engine.records import StepRecord, Trace
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         engine_cfg, workload, slo = configs(args)
+        check_cli_run(engine_cfg, workload)  # before any prompt, weight or cache is made
         if args.cpu_threads is not None:
             set_blas_threads(args.cpu_threads)
         engine = LLMEngine(engine_cfg)

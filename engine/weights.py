@@ -64,10 +64,8 @@ def load_model(model: str, seed: int, device: torch.device, dtype: torch.dtype,
     return net.to(device=device, dtype=dtype).eval().prepare()
 
 
-def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Llama:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_checkpoint_config(path: Path) -> ModelConfig:
+    """A checkpoint directory's `config.json` as a ModelConfig; the weights are not read."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"{path}: no config.json (expected a save_pretrained directory)")
@@ -77,7 +75,14 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Ll
         raise ConfigError(f"{cfg_file}: not valid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(raw, dict):  # valid JSON but not an object: .get below would crash
         raise ConfigError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
-    cfg = config_from_hf(raw, str(cfg_file))
+    return config_from_hf(raw, str(cfg_file))
+
+
+def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Llama:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = read_checkpoint_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{path}: no *.safetensors weight files")

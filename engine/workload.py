@@ -70,6 +70,10 @@ class WorkloadSpec:
 
 
 MIXES = ("fixed", "lognormal")
+# Prompt tokens one workload may hold in all. The ids live in Python lists, copied into each
+# request's record and sequence (about 100 bytes a token in all), so this keeps them near 400 MB;
+# at the CPU model's prefill rate it is hours of work, far past anything the lab or bench runs.
+MAX_WORKLOAD_TOKENS = 1 << 22
 LOGNORMAL_SIGMA = 0.8  # spread of log length: the longest tenth of requests is about 2.4x the mean
 LOGNORMAL_CAP = 4  # no drawn length exceeds this multiple of its mean
 
@@ -114,8 +118,18 @@ def draw_shape(spec: WorkloadSpec, rng: np.random.Generator | None = None) -> Sh
                  [float(a) for a in arrivals])
 
 
+def longest_prompt(spec: WorkloadSpec) -> int:
+    """The most prompt tokens any one request of `spec` can hold."""
+    if spec.mix == "lognormal":
+        return lognormal_cap(spec.prompt_len)
+    return spec.prompt_len_max or spec.prompt_len
+
+
 def make_requests(spec: WorkloadSpec, vocab_size: int) -> list[Request]:
     """Draw the requests `spec` describes, reproducibly."""
+    if spec.num_requests * longest_prompt(spec) > MAX_WORKLOAD_TOKENS:  # checked before any list
+        raise ConfigError(f"{spec.num_requests} requests of up to {longest_prompt(spec)} prompt "
+                          f"tokens are past the {MAX_WORKLOAD_TOKENS} a workload may hold")
     rng = np.random.default_rng(spec.seed)
     shape = draw_shape(spec, rng)  # ids come after the lengths from the same seeded stream
     return [Request(id=i, prompt_ids=rng.integers(0, vocab_size, size=p).tolist(),

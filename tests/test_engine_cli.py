@@ -103,7 +103,13 @@ ERRORS = {
     "KV budget too small for a request": (["--kv-budget-mb", "0.02", "--context", "128"],
                                           "the KV budget holds"),
     "KV budget zero": (["--kv-budget-mb", "0"], "KV budget must be positive"),
-    "KV budget past memory": (["--kv-budget-mb", "1e12"], "cannot allocate a KV cache"),
+    "KV budget past memory": (["--kv-budget-mb", "1e12"], "of memory free on this machine"),
+    "output past the maximum": (["--output", "100000000"], "--output 100000000 is past"),
+    "context + output past the maximum": (["--context", "8000", "--output", "193"],
+                                          "= 8193 tokens is past the model's maximum of 8192"),
+    "requests past the workload cap": (["--requests", "100000000"], "--requests 100000000"),
+    "batch past the largest": (["--batch", "100000000"], "--batch 100000000 is past"),
+    "page past the maximum": (["--page-size", "100000"], "--page-size 100000 is past"),
     "unknown preset": (["--model", "no-such-model"], "unknown model preset"),
     "missing checkpoint": (["--model", "/no/such/checkpoint"], "not a checkpoint directory"),
     "rate zero": (["--rate", "0"], "request rate must be positive"),
@@ -147,3 +153,40 @@ def test_bad_input_subprocess() -> None:
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "unknown model preset" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sizes_are_refused_before_any_prompt_or_model_is_made(monkeypatch, capsys) -> None:
+    """The checks run on the flags and the model's shapes alone: neither the prompt lists nor the
+    engine (weights, KV cache) may be built for a run that is then refused."""
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("built before the sizes were checked")
+
+    monkeypatch.setattr(cli, "LLMEngine", must_not_run)
+    monkeypatch.setattr("engine.workload.make_requests", must_not_run)
+    for flags in (["--context", "100000000", "--output", "2"], ["--output", "100000000"],
+                  ["--requests", "100000000"], ["--kv-budget-mb", "1e12"]):
+        assert cli.main(["run", "--model", "tiny", "--device", "cpu"] + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and flags[0] in err, err
+
+
+def _memory_capped(limit_bytes: int):
+    """A preexec_fn that caps the child's address space (a build of the prompt lists then fails
+    with MemoryError instead of taking the machine's memory)."""
+    def cap() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return cap
+
+
+def test_huge_context_exits_2_inside_a_small_address_space() -> None:
+    """`--context 100000000` once built the prompts first and used all 24 GB of the machine. Under
+    a 3 GiB address-space cap that build raises MemoryError; refused first, it never happens."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "engine", "run", "--context", "100000000",
+                           "--output", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120, preexec_fn=_memory_capped(3 << 30))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("error: --context 100000000 is past the model's maximum of 8192 tokens "
+                           "(prompt + output)\n")
