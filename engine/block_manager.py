@@ -101,7 +101,14 @@ class BlockManager:
 
 
 class ContiguousAllocator:
-    """The pre-paging baseline: each live request reserves `max_len` slots up front."""
+    """The pre-paging baseline: each live request reserves `max_len` slots up front.
+
+    A server without paging cannot know how far a reply will grow, so it reserves the longest
+    sequence it accepts. The engine passes its `max_len`: `EngineConfig.max_model_len`, or the
+    model's maximum positions when that is unset, which is the baseline the PagedAttention paper
+    measured. Setting `max_model_len` to a workload's longest request gives the kinder baseline of
+    a server sized for that workload.
+    """
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len

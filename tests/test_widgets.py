@@ -13,13 +13,13 @@ from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
 from engine.analytic import DeviceProbe, kv_bytes, waste_tokens
-from engine.config import SLO, EngineConfig
+from engine.config import PRESETS, SLO, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.metrics import summarize
 from engine.records import PageSnapshot, RequestRecord, Trace
 from engine.workload import WorkloadSpec
 from widgets.device_banner import DeviceBanner
-from widgets.kv_memory_plot import KVMemoryPlot
+from widgets.kv_memory_plot import KVMemoryPlot, reserved_len
 from widgets.latency_plot import LatencyPlot
 from widgets.notice import Notice
 from widgets.page_map import COLS, MAX_CELLS, PageMap, page_grid
@@ -201,6 +201,24 @@ def test_kv_memory_measured_and_formula(run):
     i = c.source.data["step"].index(peak.index)
     assert c.source.data["reference"][i] == pytest.approx(ref)
     assert c.source.data["stored"][i] == pytest.approx(peak.tokens_stored * info.bytes_per_token)
+
+
+def test_kv_memory_formula_names_B_and_T_and_the_contiguous_reservation(run):
+    """T in the math is tokens per sequence, with B sequences: the legend and text use both, and
+    the contiguous baseline says what it reserves (the model's maximum length)."""
+    trace, summary, slo, info = run
+    c = KVMemoryPlot()
+    c.show(trace, summary, slo)
+    legend = [item.label.value for item in c.reference_fig.legend[0].items]
+    assert any("2·B·L·T·H_kv·d_head·s" in label for label in legend), legend
+    peak = max(trace.steps, key=lambda s: s.kv_bytes_used)
+    i = c.source.data["step"].index(peak.index)
+    assert c.source.data["seqs"][i] == peak.running
+    assert c.source.data["T"][i] * peak.running == pytest.approx(peak.tokens_stored)
+    assert f"B = {peak.running} sequences" in c.text
+    max_len = PRESETS["tiny"].max_position_embeddings  # no max_model_len set: the model's limit
+    assert f"the model's maximum length, {max_len} tokens" in c.text
+    assert reserved_len(c.source.data, info) == max_len
 
 
 def test_page_map_waste_agrees_with_formula(run):

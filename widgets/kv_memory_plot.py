@@ -1,10 +1,13 @@
 """KV-cache memory per step: measured on this model, and the formula's cost on a reference model.
 
 Left (measured, this model): bytes allocated by the block manager, bytes that hold tokens (the gap
-is paging waste), what a contiguous max_len-per-request allocator would reserve, and the capacity.
+is paging waste), what a contiguous allocator would reserve, and the capacity. The contiguous
+baseline reserves the model's maximum length (`max_model_len`, by default the model's position
+limit) for every running request, as the pre-paging systems the PagedAttention paper measured did.
 These span orders of magnitude, so the axis is logarithmic; steps with nothing cached are gaps.
-Right (formula, reference 80-layer model): `kv_gb` for the same token count with 80 layers, 8 KV
-heads, d_head 128 and fp16, i.e. what those tokens would cost on a 70B-class model.
+Right (formula, reference 80-layer model): M_KV = 2*B*L*T*H_kv*d_head*s for the step's B running
+sequences holding T tokens each on average (B*T = the tokens stored), with 80 layers, 8 KV heads,
+d_head 128 and fp16, i.e. what those tokens would cost on a 70B-class model.
 """
 from __future__ import annotations
 
@@ -23,13 +26,14 @@ from widgets.style import (MET, NEUTRAL, PREFILL, TARGET, RunInfo, add_hover, by
 
 REFERENCE = {"layers": 80, "h_kv": 8, "d_head": 128, "bytes_per_elem": 2}  # a 70B-class model
 NAN = float("nan")
-COLUMNS = ("step", "tokens", "used", "stored", "contiguous", "capacity", "reference",
-           "reference_gb")
+COLUMNS = ("step", "tokens", "seqs", "T", "used", "stored", "contiguous", "capacity",
+           "reference", "reference_gb")
 MEASURED_TIPS = [("step", "@step"), ("tokens stored", "@tokens"),
                  ("allocated", "@used{0.000a}B"), ("holding tokens", "@stored{0.000a}B"),
-                 ("contiguous baseline", "@contiguous{0.000a}B"),
+                 ("contiguous baseline (model max length each)", "@contiguous{0.000a}B"),
                  ("capacity", "@capacity{0.000a}B")]
-REFERENCE_TIPS = [("step", "@step"), ("tokens stored", "@tokens"),
+REFERENCE_TIPS = [("step", "@step"), ("B, running sequences", "@seqs"),
+                  ("T, mean tokens per sequence", "@T{0.0}"), ("B·T, tokens stored", "@tokens"),
                   ("formula, 80-layer model", "@reference_gb{0.0000} GB")]
 
 
@@ -44,6 +48,8 @@ def kv_columns(steps: list[StepRecord], info: RunInfo) -> dict[str, list]:
     return {
         "step": [s.index for s in steps],
         "tokens": [s.tokens_stored for s in steps],
+        "seqs": [s.running for s in steps],
+        "T": [s.tokens_stored / s.running if s.running else 0.0 for s in steps],
         "used": [_positive(s.kv_bytes_used) for s in steps],
         "stored": [_positive(s.tokens_stored * info.bytes_per_token) for s in steps],
         "contiguous": [_positive(s.contiguous_bytes) for s in steps],
@@ -51,6 +57,15 @@ def kv_columns(steps: list[StepRecord], info: RunInfo) -> dict[str, list]:
         "reference": [g * 1e9 for g in ref],
         "reference_gb": ref,
     }
+
+
+def reserved_len(data: dict[str, list], info: RunInfo) -> int | None:
+    """Tokens the contiguous baseline reserves per running request, read back from a step's
+    reservation (running requests x max length x bytes per token); None if no step had one."""
+    for seqs, reserved in zip(data["seqs"], data["contiguous"]):
+        if seqs and reserved == reserved:  # NaN: nothing reserved
+            return round(reserved / (seqs * info.bytes_per_token))
+    return None
 
 
 class KVMemoryPlot(PlotComponent):
@@ -69,7 +84,8 @@ class KVMemoryPlot(PlotComponent):
         lines = []
         for column, label, color, dash in (
                 ("capacity", "capacity", TARGET, "dashed"),
-                ("contiguous", "contiguous baseline (max_len each)", NEUTRAL, "dotdash"),
+                ("contiguous", "contiguous baseline (model max length each)", NEUTRAL,
+                 "dotdash"),
                 ("used", "allocated (paged)", MET, "solid"),
                 ("stored", "holding tokens", PREFILL, "solid")):
             lines.append(self.measured_fig.line("step", column, source=self.source, color=color,
@@ -86,7 +102,8 @@ class KVMemoryPlot(PlotComponent):
                                        color=MET, alpha=0.25)
         ref_line = self.reference_fig.line(
             "step", "reference", source=self.source, color=MET, line_width=2,
-            legend_label="M_KV = 2·L·T·H_kv·d_head·s with L=80, H_kv=8, d_head=128, s=2 (fp16)")
+            legend_label=("M_KV = 2·B·L·T·H_kv·d_head·s: B running sequences of T tokens on "
+                          "average, L=80, H_kv=8, d_head=128, s=2 (fp16)"))
         self.reference_fig.y_range.renderers = [ref, ref_line]
         legend_below(self.reference_fig, ncols=1)
         add_hover(self.reference_fig, [ref_line], REFERENCE_TIPS)
@@ -131,11 +148,16 @@ class KVMemoryPlot(PlotComponent):
                 f"({fmt_num(100 * used[peak] / info.kv_bytes_capacity)} % of capacity) for "
                 f"{tokens} tokens, which fill {fmt_bytes(stored)}; the rest, "
                 f"{fmt_bytes(used[peak] - stored)}, is empty slots in last pages. ")
-        if contiguous and used[peak]:
-            text += (f"Reserving max_len per request would have taken up to "
+        max_len = reserved_len(d, info)
+        if contiguous and used[peak] and max_len:
+            text += (f"A contiguous allocator that reserves the model's maximum length, {max_len} "
+                     "tokens, for every running request (as the pre-paging servers in the "
+                     "PagedAttention paper did) would have taken up to "
                      f"{fmt_bytes(contiguous)}, {fmt_num(contiguous / used[peak])}× the paged "
                      "peak. ")
         ref = kv_bytes(T=tokens, batch=1, **REFERENCE)
+        B, T = d["seqs"][peak], d["T"][peak]
         return text + (f"**Formula, reference 80-layer model** (8 KV heads, d_head 128, fp16): "
-                       f"the same {tokens} tokens would need {fmt_bytes(ref)} "
+                       f"the same B = {B} sequences of T = {fmt_num(T)} tokens on average "
+                       f"(B·T = {tokens} tokens) would need {fmt_bytes(ref)} "
                        f"({fmt_num(ref / 1e9)} GB).")
