@@ -17,7 +17,7 @@ from engine.config import PRESETS, SLO, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.metrics import summarize
 from engine.records import PageSnapshot, RequestRecord, Trace
-from engine.workload import WorkloadSpec
+from engine.workload import Request, WorkloadSpec
 from widgets.device_banner import DeviceBanner
 from widgets.kv_memory_plot import KVMemoryPlot, reserved_len
 from widgets.latency_plot import LatencyPlot
@@ -236,6 +236,22 @@ def test_page_map_waste_agrees_with_formula(run):
     assert len(c.waste.data["block"]) == sum(snap.waste(r) > 0 for r in snap.tables)
     rows = table_rows(c.table.object)
     assert rows[f"all {len(snap.tables)}"] == str(sum(snap.tokens.values()))
+
+
+def test_page_map_and_summary_report_one_waste():
+    """The page map draws the first step of peak KV use; the summary's waste row is that step's
+    waste, even when another step left more slots empty (here request 1's 17th token, step 8)."""
+    eng = LLMEngine(EngineConfig(model="tiny", block_size=16, max_num_seqs=8,
+                                 max_num_batched_tokens=256))
+    trace = eng.run([Request(0, list(range(63)), 3, 0.0), Request(1, list(range(9)), 12, 0.0)])
+    summary = summarize(trace)
+    assert max(s.waste_tokens for s in trace.steps) > summary.waste_tokens_peak  # steps differ
+    c = PageMap()
+    c.show(trace, summary, SLO())
+    assert c.waste_measured == summary.waste_tokens_peak == 8
+    rows = summary_values(summary)
+    assert rows["Waste tokens (measured)"] == str(c.waste_measured)
+    assert f"Measured waste: {c.waste_measured} tokens** at this step of peak KV use" in c.text
 
 
 def test_page_grid_caps_cells_and_sizes_overlays():

@@ -4,6 +4,8 @@ Blocks are laid out by physical id in rows of 32; only the blocks up to the high
 (plus a few free ones, at most 1024 cells) are drawn. In each request's last block a hatched overlay
 covers the share of slots that are reserved but empty. Beside the grid, a table sets the measured
 waste (`PageSnapshot.waste`) against the formula's ceil(T/P)*P - T (`engine.analytic.waste_tokens`).
+The snapshot is the first step of peak KV use, the step whose waste the summary reports as
+`waste_tokens_peak`, so the grid, its table and the summary's "Waste tokens" row show one number.
 """
 from __future__ import annotations
 
@@ -180,8 +182,9 @@ class PageMap(PlotComponent):
                  else f"they differ by {abs(self.waste_measured - self.waste_formula)} tokens")
         text = (f"At peak KV use (step {snap.step_index}), {len(snap.tables)} requests held "
                 f"{pages} of {snap.num_blocks} pages ({snap.block_size} tokens each) for {tokens} "
-                f"tokens. **Measured waste: {self.waste_measured} tokens**; formula "
-                f"Σ(⌈T/P⌉·P − T): {self.waste_formula} tokens; {agree}. That is "
+                f"tokens. **Measured waste: {self.waste_measured} tokens** at this step of peak "
+                f"KV use (the summary's waste row); formula Σ(⌈T/P⌉·P − T): "
+                f"{self.waste_formula} tokens; {agree}. That is "
                 f"{fmt_num(100 * self.waste_measured / (pages * snap.block_size))} % of the "
                 "allocated slots.")
         highest = max(b for blocks in snap.tables.values() for b in blocks)
