@@ -178,3 +178,26 @@ def test_loader_does_not_import_panel():
     code = "import sys, lab.content; sys.exit('panel' in sys.modules or 'bokeh' in sys.modules)"
     repo = Path(__file__).resolve().parents[1]
     assert subprocess.run([sys.executable, "-c", code], cwd=repo).returncode == 0
+
+
+def test_big_pages_text_matches_a_measured_run(content):
+    """The big-pages preset's numbers are what the engine measures for its values: every sequence
+    in one page, 56 empty slots once the prompt is cached, 9 after the last cached reply token."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.workload import WorkloadSpec
+
+    preset = content.preset("big-pages")
+    v, text = preset["values"], " ".join(preset["description"].split())
+    eng = LLMEngine(EngineConfig(model="tiny", block_size=v["page"], max_num_seqs=v["batch"],
+                                 max_num_batched_tokens=512))
+    trace = eng.run(WorkloadSpec(num_requests=v["batch"], prompt_len=v["context"],
+                                 output_len=v["output"]))
+    cached = [it.context_len for s in trace.steps for it in s.scheduled
+              if it.context_len >= v["context"]]
+    assert max(cached) <= v["page"] and min(cached) == v["context"]  # one page; prompt cached
+    first, last = v["page"] - v["context"], v["page"] - max(cached)
+    assert (first, last) == (56, 9)
+    assert f"{first} slots short of full once the prompt is in" in text
+    assert f"still {last} short when the last reply token" in text
+    assert f"at most {round(100 * first / v['page'])}%" in text and "most of that page" not in text
