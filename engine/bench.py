@@ -1,12 +1,16 @@
-"""`python -m engine.bench`: the engine against Hugging Face `generate()` and against the roofline.
+"""`python -m engine.bench`: the engine against the roofline and against Hugging Face `generate()`.
 
-Both sides hold the same weights on the same device. Three measurements, in one run:
-1. TPOT at batch 1 and 8 (equal prompts, so Hugging Face needs no padding); Hugging Face's from
-   the time each step's tokens reach the host within one `generate()` call;
-2. throughput on a mixed-length workload: Hugging Face runs static batches, left-padded, each until
+Both sides hold the same weights on the same device. Four measurements, in one run:
+1. a sweep of TPOT and output throughput over batch 1 to 32 (context 128, all requests at t=0),
+   each beside max(bandwidth floor, compute floor);
+2. TPOT at batch 1 and 8 against Hugging Face (equal prompts, so it needs no padding); its TPOT is
+   read from the time each step's tokens reach the host within one `generate()` call;
+3. throughput on a mixed-length workload: Hugging Face runs static batches, left-padded, each until
    its longest request is done; the engine batches continuously with the same batch cap;
-3. the engine's batch-1 TPOT against the decode floor (weights + KV read) / measured bandwidth.
-Ratios are engine / Hugging Face. Targets on the CPU default model are listed in docs/benchmarks.md.
+4. the engine's batch-1 TPOT against the decode floor (weights + KV read) / measured bandwidth.
+Hugging Face runs in a child process that never imports `engine` (`engine.hf_peer.run_peer`), with
+torch's default threads. Ratios are engine / Hugging Face. Targets on the CPU default model are
+listed in docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -14,150 +18,118 @@ import argparse
 import json
 import statistics
 import sys
-import time
-
-import torch
 
 from engine import analytic
 from engine.config import ConfigError, EngineConfig
-from engine.hf_peer import hf_llama_like
+from engine.hf_peer import run_peer
 from engine.llm_engine import LLMEngine
 from engine.metrics import summarize
-from engine.workload import WorkloadSpec, make_requests
+from engine.workload import Request, WorkloadSpec, make_requests
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def equal_prompts(batch: int, prompt_len: int, output_len: int) -> WorkloadSpec:
+    """`batch` requests of equal length, all at t=0 (Hugging Face then needs no padding)."""
+    return WorkloadSpec(num_requests=batch, prompt_len=prompt_len, output_len=output_len)
 
 
-class _TokenClock:
-    """A `generate()` streamer that notes when each new token reaches the host.
+def sweep_entry(engine: LLMEngine, probe: analytic.DeviceProbe, batch: int, prompt_len: int,
+                output_len: int, repeats: int) -> dict[str, float]:
+    """TPOT and output throughput at one batch (medians of `repeats` runs), beside both floors.
 
-    `generate()` hands the prompt to `put` first, then every step's tokens (copied to the host, so
-    the device has finished that step). The times of the later calls are the token times.
-    """
-
-    def __init__(self) -> None:
-        self.prompt_seen = False
-        self.token_times: list[float] = []
-
-    def put(self, value) -> None:
-        if self.prompt_seen:
-            self.token_times.append(time.perf_counter())
-        self.prompt_seen = True
-
-    def end(self) -> None:
-        pass
-
-
-@torch.inference_mode()
-def hf_generate(peer, prompts: list[list[int]], new_tokens: int,
-                clocked: bool = True) -> tuple[float, list[float]]:
-    """One left-padded `generate()` call producing `new_tokens` per prompt.
-
-    Returns its wall time in seconds and, when `clocked`, the time of each step's tokens from the
-    call's start (the clock costs a host copy of each step's tokens, so throughput runs skip it).
-    """
-    device = next(peer.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    clock = _TokenClock()
-    _sync(device)
-    t = time.perf_counter()
-    peer.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
-                  min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
-                  streamer=clock if clocked else None)
-    _sync(device)
-    return time.perf_counter() - t, [s - t for s in clock.token_times]
+    The bandwidth floor counts every weight plus the KV of the batch's mean context, read once per
+    step; the compute floor, each sequence's token through every layer's matrices and the LM head
+    at 2 FLOPs a weight, at the probe's matmul rate."""
+    spec = equal_prompts(batch, prompt_len, output_len)
+    summaries = [summarize(engine.run(spec)) for _ in range(repeats)]
+    kv_read = (engine.model_config.kv_bytes_per_token(engine.cache.k.element_size())
+               * batch * (prompt_len + output_len / 2))
+    bandwidth_floor = analytic.decode_tpot_floor_s(engine.model.weight_bytes(), int(kv_read),
+                                                   probe.bandwidth_bytes_s)
+    cfg = engine.model_config
+    compute_floor = (2 * batch * (analytic.layer_params(cfg) + analytic.head_params(cfg))
+                     / probe.flops_per_s)
+    tpot = statistics.median(s.tpot_ms.p50 for s in summaries)
+    return {"batch": batch, "tpot_ms": tpot,
+            "floor_ms": max(bandwidth_floor, compute_floor) * 1e3,
+            "bandwidth_floor_ms": bandwidth_floor * 1e3, "compute_floor_ms": compute_floor * 1e3,
+            "ratio": tpot / (max(bandwidth_floor, compute_floor) * 1e3),
+            "throughput_tok_s": statistics.median(s.throughput_tok_s for s in summaries)}
 
 
-def hf_generate_s(peer, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds for one left-padded `generate()` call producing `new_tokens` per prompt."""
-    return hf_generate(peer, prompts, new_tokens, clocked=False)[0]
+def peer_jobs(engine: LLMEngine, batches: tuple[int, ...], prompt_len: int, output_len: int,
+              repeats: int, mixed: list[Request], mixed_batch: int) -> list[dict]:
+    """What the Hugging Face child runs: TPOT at each batch, then the mixed workload in static
+    batches of `mixed_batch`, left-padded, each until its longest request is done."""
+    vocab = engine.model_config.vocab_size
+    jobs: list[dict] = [
+        {"tpot": [r.prompt_ids for r in make_requests(
+            equal_prompts(b, prompt_len, output_len), vocab)],
+         "new_tokens": output_len, "repeats": repeats} for b in batches]
+    groups = [mixed[i:i + mixed_batch] for i in range(0, len(mixed), mixed_batch)]
+    jobs.append({"groups": [[[r.prompt_ids for r in g], max(r.max_tokens for r in g)]
+                            for g in groups]})
+    return jobs
 
 
-def hf_tpot_s(peer, prompts: list[list[int]], new_tokens: int) -> float:
-    """Hugging Face's TPOT: from its first token to its last, per later token, in one call."""
-    if new_tokens < 2:
-        raise ValueError("TPOT needs at least two new tokens")
-    _, times = hf_generate(peer, prompts, new_tokens)
-    if len(times) != new_tokens:
-        raise RuntimeError(f"generate() streamed {len(times)} steps, expected {new_tokens}")
-    return (times[-1] - times[0]) / (new_tokens - 1)
-
-
-def tpot_pair(engine: LLMEngine, peer, batch: int, prompt_len: int, output_len: int,
-              repeats: int) -> tuple[float, float]:
-    """Median TPOT (s) of the engine and of Hugging Face at one batch size."""
-    spec = WorkloadSpec(num_requests=batch, prompt_len=prompt_len, output_len=output_len)
-    prompts = [r.prompt_ids for r in make_requests(spec, engine.model_config.vocab_size)]
-    ours, theirs = [], []
-    for _ in range(repeats):
-        ours.append(summarize(engine.run(spec)).tpot_ms.p50 / 1e3)
-        theirs.append(hf_tpot_s(peer, prompts, output_len))
-    return statistics.median(ours), statistics.median(theirs)
-
-
-def mixed_throughput(engine: LLMEngine, peer, spec: WorkloadSpec, batch: int) -> tuple[float, float]:
-    """Useful output tokens per second, engine (continuous) and Hugging Face (static batches)."""
-    requests = make_requests(spec, engine.model_config.vocab_size)
-    useful = sum(r.max_tokens for r in requests)
-    trace = engine.run(requests)
-    ours = sum(len(r.output_ids) for r in trace.requests) / trace.duration_s
-    t = 0.0
-    for i in range(0, len(requests), batch):
-        group = requests[i:i + batch]
-        t += hf_generate_s(peer, [r.prompt_ids for r in group], max(r.max_tokens for r in group))
-    return ours, useful / t
+SWEEP_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
 def run_bench(model: str, device: str, quick: bool) -> dict:
     repeats = 1 if quick else 3
     output_len = 16 if quick else 64
-    engine = LLMEngine(EngineConfig(model=model, device=device, max_num_seqs=8,
+    prompt_len = 128
+    mixed_batch = 8
+    engine = LLMEngine(EngineConfig(model=model, device=device, max_num_seqs=max(SWEEP_BATCHES),
                                     max_num_batched_tokens=512))
+    # The mixed workload's batch cap matches Hugging Face's static batches; same weights.
+    capped = LLMEngine(engine.config.with_(max_num_seqs=mixed_batch), model=engine.model)
     log(f"device {engine.device_name}, model {model}")
     probe = analytic.probe(engine.device.type)
     reads = ", ".join(f"{r:.1f}" for r in probe.read_samples_gbs)
     log(f"probe: {probe.bandwidth_gbs:.1f} GB/s (median of {reads}), "
         f"{probe.matmul_tflops:.3f} TFLOP/s")
-    peer = hf_llama_like(engine.model)
-    prompt_len = 128
-    results: dict[str, float] = {}
-    for batch in (1, 8):
-        ours, theirs = tpot_pair(engine, peer, batch, prompt_len, output_len, repeats)
-        results[f"tpot_ms_engine_b{batch}"] = ours * 1e3
-        results[f"tpot_ms_hf_b{batch}"] = theirs * 1e3
-        log(f"TPOT batch {batch}: engine {ours * 1e3:.2f} ms, HF {theirs * 1e3:.2f} ms")
-    mixed = WorkloadSpec(num_requests=8 if quick else 32, prompt_len=32,
-                         prompt_len_max=128 if quick else 512, output_len=8 if quick else 16,
-                         output_len_max=32 if quick else 256, seed=1)
-    ours_tp, hf_tp = mixed_throughput(engine, peer, mixed, batch=8)
+    sweep = []
+    for batch in SWEEP_BATCHES:
+        sweep.append(sweep_entry(engine, probe, batch, prompt_len, output_len, repeats))
+        e = sweep[-1]
+        log(f"sweep batch {batch}: TPOT {e['tpot_ms']:.2f} ms, floor {e['floor_ms']:.2f} ms "
+            f"(ratio {e['ratio']:.2f}), {e['throughput_tok_s']:.0f} tok/s")
+    by_batch = {e["batch"]: e for e in sweep}
+    results = {f"tpot_ms_engine_b{b}": by_batch[b]["tpot_ms"] for b in (1, 8)}
+    mixed_spec = WorkloadSpec(num_requests=8 if quick else 32, prompt_len=32,
+                              prompt_len_max=128 if quick else 512, output_len=8 if quick else 16,
+                              output_len_max=32 if quick else 256, seed=1)
+    mixed = make_requests(mixed_spec, engine.model_config.vocab_size)
+    trace = capped.run(mixed)
+    ours_tp = sum(len(r.output_ids) for r in trace.requests) / trace.duration_s
+    log("Hugging Face peer: a child process with torch's default threads")
+    peer = run_peer(engine.model, peer_jobs(engine, (1, 8), prompt_len, output_len, repeats,
+                                            mixed, mixed_batch))
+    for batch, job in zip((1, 8), peer["results"]):
+        results[f"tpot_ms_hf_b{batch}"] = statistics.median(job["tpot_s"]) * 1e3
+        log(f"TPOT batch {batch}: engine {results[f'tpot_ms_engine_b{batch}']:.2f} ms, "
+            f"HF {results[f'tpot_ms_hf_b{batch}']:.2f} ms")
+    hf_tp = sum(r.max_tokens for r in mixed) / peer["results"][-1]["seconds"]
     log(f"mixed workload: engine {ours_tp:.1f} tok/s, HF {hf_tp:.1f} tok/s")
-    # Floor at batch 1: every weight plus the KV of the mean context, read once per token.
-    mean_context = prompt_len + output_len / 2
-    kv_read = engine.model_config.kv_bytes_per_token(engine.cache.k.element_size()) * mean_context
-    floor = analytic.decode_tpot_floor_s(engine.model.weight_bytes(), int(kv_read),
-                                         probe.bandwidth_bytes_s)
-    tpot_b1 = results["tpot_ms_engine_b1"] / 1e3
+    b1 = sweep[0]
     return {
         "device": engine.device_name,
         "model": model,
-        "roofline": {"bandwidth_gbs": probe.bandwidth_gbs, "tpot_floor_ms": floor * 1e3,
-                     "tpot_ms": tpot_b1 * 1e3, "ratio": tpot_b1 / floor,
+        "roofline": {"bandwidth_gbs": probe.bandwidth_gbs, "tpot_floor_ms": b1["bandwidth_floor_ms"],
+                     "tpot_ms": b1["tpot_ms"], "ratio": b1["tpot_ms"] / b1["bandwidth_floor_ms"],
                      "bandwidth_samples_gbs": list(probe.read_samples_gbs)},
+        "sweep": sweep,
         "vs_hf": {"tpot_ratio_b1": results["tpot_ms_engine_b1"] / results["tpot_ms_hf_b1"],
                   "tpot_ratio_b8": results["tpot_ms_engine_b8"] / results["tpot_ms_hf_b8"],
                   "throughput_ratio_mixed": ours_tp / hf_tp},
         "measured": results | {"throughput_tok_s_engine_mixed": ours_tp,
                                "throughput_tok_s_hf_mixed": hf_tp,
-                               "matmul_tflops": probe.matmul_tflops},
+                               "matmul_tflops": probe.matmul_tflops,
+                               "hf_torch_threads": peer["torch_threads"]},
     }
 
 
@@ -180,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device {out['device']}, model {out['model']}")
         print(f"TPOT batch 1: {r['tpot_ms']:.2f} ms, floor {r['tpot_floor_ms']:.2f} ms "
               f"at {r['bandwidth_gbs']:.1f} GB/s (ratio {r['ratio']:.2f})")
+        for e in out["sweep"]:
+            print(f"batch {e['batch']:2d}: TPOT {e['tpot_ms']:6.2f} ms, floor {e['floor_ms']:6.2f} ms "
+                  f"(ratio {e['ratio']:.2f}), {e['throughput_tok_s']:7.1f} output tok/s")
         print(f"engine / HF: TPOT b1 {v['tpot_ratio_b1']:.2f}, TPOT b8 {v['tpot_ratio_b8']:.2f}, "
               f"mixed throughput {v['throughput_ratio_mixed']:.2f}x")
     return 0
