@@ -59,6 +59,7 @@ class Summary:
     preemptions: int
     peak_running: int  # most sequences in one step's running set
     peak_waiting: int  # most requests queued (for a batch slot or for KV memory) after a step
+    tpot_requests: int  # finished requests with more than one token: those tpot_ms describes
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,12 +105,13 @@ def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
     out_tokens = sum(len(r.output_ids) for r in done)
     steps = trace.steps
     peak = max(steps, key=lambda s: s.kv_blocks_used, default=None)  # first step at the peak
+    tpots = [tpot_s(r) * 1e3 for r in done if len(r.output_ids) > 1]
     return Summary(
         completed=len(done),
         rejected=sum(r.rejected is not None for r in trace.requests),
         duration_s=duration,
         ttft_ms=Stats.of([ttft_s(r) * 1e3 for r in done]),
-        tpot_ms=Stats.of([tpot_s(r) * 1e3 for r in done if len(r.output_ids) > 1]),
+        tpot_ms=Stats.of(tpots),
         itl_ms=Stats.of([x * 1e3 for x in itl]),
         e2e_ms=Stats.of([e2e_s(r) * 1e3 for r in done]),
         queue_ms=Stats.of([(r.scheduled_s - r.arrival_s) * 1e3 for r in done]),
@@ -124,4 +126,5 @@ def summarize(trace: Trace, slo: SLO | None = None) -> Summary:
         preemptions=sum(r.preemptions for r in trace.requests),
         peak_running=max((s.running for s in steps), default=0),
         peak_waiting=max((s.waiting for s in steps), default=0),
+        tpot_requests=len(tpots),
     )

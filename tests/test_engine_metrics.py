@@ -61,6 +61,7 @@ def test_latency_metrics_equal_hand_computed_values() -> None:
     # TPOT over the two requests with more than one token, 200 and 750: the one-token request
     # adds no zero. p90 at rank 0.9 = 200 + 0.9 * 550, p99 at rank 0.99.
     approx_stats(s.tpot_ms, 475, 475, 695, 744.5)
+    assert s.tpot_requests == 2
     # ITL pooled over requests: 200 300 100 500 1000 -> rank 3.6 and 3.96 for p90, p99.
     approx_stats(s.itl_ms, 420, 300, 800, 980)
     # E2E 1100 400 2300 -> sorted 400 1100 2300.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import replace
 from html.parser import HTMLParser
 
 import panel as pn
@@ -27,9 +28,12 @@ from widgets.style import WAITING, RunInfo, fmt_bytes, fmt_num
 from widgets.summary_table import CORE_ROWS, DASH, SummaryTable, summary_values
 from widgets.timeline_plot import TimelinePlot
 from widgets.tpot_batch_plot import TPOTBatchPlot
+from widgets.queue_plot import QueuePlot
+from widgets.goodput_rate_plot import GoodputRatePlot
 
-PLOTS = (LatencyPlot, TimelinePlot, KVMemoryPlot, PageMap, TPOTBatchPlot)
-STREAMING = (TimelinePlot, KVMemoryPlot)
+PLOTS = (LatencyPlot, TimelinePlot, KVMemoryPlot, PageMap, TPOTBatchPlot, QueuePlot,
+         GoodputRatePlot)
+STREAMING = (TimelinePlot, KVMemoryPlot, QueuePlot)
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +180,9 @@ def test_latency_plot_leaves_one_token_requests_out_of_tpot():
     assert math.isnan(c.source.data["tpot_ms"][1])
     assert c.source.data["status"] == ["met both SLOs", "met both SLOs"]
     assert "TPOT p50 100 ms" in c.text and "1 request(s) generated a single token" in c.text
+    only_one = replace(trace, requests=[trace.requests[1]])  # no request has a TPOT at all
+    rows = summary_values(summarize(only_one, slo))
+    assert rows["TPOT p50 (ms)"] == rows["TPOT p90 (ms)"] == DASH  # not a measured 0
 
 
 def test_timeline_text_names_largest_step(run):

@@ -20,7 +20,7 @@ from widgets.style import WAITING, fmt_num
 CORE_ROWS = ("TTFT p50 (ms)", "TPOT p50 (ms)", "KV GB (measured)", "Waste tokens (measured)",
              "Goodput (req/s)")
 EXTRA_ROWS = ("TTFT p90 (ms)", "TPOT p90 (ms)", "SLO attainment (%)", "Throughput (tok/s)",
-              "Preemptions", "Duration (s)")
+              "Peak running", "Peak waiting", "Preemptions", "Duration (s)")
 DASH = "—"
 CSS = """
 table.summary-table {border-collapse: collapse; font-size: 14px; min-width: 260px;}
@@ -35,17 +35,23 @@ table.summary-table caption {text-align: left; font-weight: bold; padding-bottom
 
 
 def summary_values(summary: Summary) -> dict[str, str]:
-    """Every row's formatted value, keyed by its label."""
+    """Every row's formatted value, keyed by its label. TPOT rows read "—" when no request
+    generated more than one token: such a run has no TPOT to report."""
+    def tpot(ms: float) -> str:
+        return fmt_num(ms) if summary.tpot_requests else DASH
+
     return {
         "TTFT p50 (ms)": fmt_num(summary.ttft_ms.p50),
-        "TPOT p50 (ms)": fmt_num(summary.tpot_ms.p50),
+        "TPOT p50 (ms)": tpot(summary.tpot_ms.p50),
         "KV GB (measured)": fmt_num(summary.kv_bytes_peak / 1e9),
         "Waste tokens (measured)": fmt_num(summary.waste_tokens_peak),
         "Goodput (req/s)": fmt_num(summary.goodput_rps),
         "TTFT p90 (ms)": fmt_num(summary.ttft_ms.p90),
-        "TPOT p90 (ms)": fmt_num(summary.tpot_ms.p90),
+        "TPOT p90 (ms)": tpot(summary.tpot_ms.p90),
         "SLO attainment (%)": fmt_num(summary.slo_attainment * 100),
         "Throughput (tok/s)": fmt_num(summary.throughput_tok_s),
+        "Peak running": fmt_num(summary.peak_running),
+        "Peak waiting": fmt_num(summary.peak_waiting),
         "Preemptions": fmt_num(summary.preemptions),
         "Duration (s)": fmt_num(summary.duration_s),
     }
