@@ -20,6 +20,7 @@ from engine.limits import check_cli_run
 from engine.llm_engine import LLMEngine
 from engine.metrics import Summary, summarize
 from engine.records import StepRecord, Trace
+from engine.server.cli import add_commands
 from engine.workload import WorkloadSpec
 
 SUMMARY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "goodput_rps", "slo_attainment",
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="BLAS threads for CPU runs (default: one per core; the lab uses one fewer)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    add_commands(sub, positive_int, finite_float)  # serve, tokenizer (engine/server/cli.py)
     return parser
 
 
@@ -156,6 +158,8 @@ def table(trace: Trace, summary: Summary) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "run":
+        return args.main(args)
     try:
         engine_cfg, workload, slo = configs(args)
         check_cli_run(engine_cfg, workload)  # before any prompt, weight or cache is made

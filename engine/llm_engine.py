@@ -165,18 +165,20 @@ class LLMEngine:
         """Seconds since the last `reset`, the clock of every record."""
         return time.perf_counter() - self._t0
 
-    def add_request(self, record: RequestRecord, sampling: SamplingParams = GREEDY) -> bool:
-        """Queue a request for the next step; False (and `record.rejected` says why) if it never can.
+    def add_request(self, record: RequestRecord,
+                    sampling: SamplingParams = GREEDY) -> Sequence | None:
+        """Queue a request for the next step; None (and `record.rejected` says why) if it never can.
 
         A sampled request without a seed gets one here, so that its draws stay fixed from now on.
         """
         record.rejected = self.why_never(record.prompt_ids, record.max_tokens)
         if record.rejected is not None:
-            return False
+            return None
         if not sampling.greedy and sampling.seed is None:
             sampling = replace(sampling, seed=random.getrandbits(63))
-        self.scheduler.add(Sequence(record, sampling))
-        return True
+        seq = Sequence(record, sampling)
+        self.scheduler.add(seq)
+        return seq
 
     def abort(self, request_id: int) -> Sequence | None:
         """Drop a queued or running request now, freeing its blocks; None if it was not here."""

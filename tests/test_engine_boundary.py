@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"
 UI = {"panel", "bokeh", "param"}
 # Plain-Python bookkeeping (STYLE.md: "no torch in bookkeeping").
-BOOKKEEPING = ["block_manager", "config", "metrics", "records", "scheduler", "sequence", "workload"]
+BOOKKEEPING = ["block_manager", "config", "metrics", "records", "sampling_params", "scheduler",
+               "sequence", "workload"]
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -1,0 +1,275 @@
+"""The HTTP side: Tornado handlers for the OpenAI routes, /health and /metrics, and shutdown.
+
+Everything here runs on one asyncio event loop: parsing and tokenizing a request, turning tokens
+back into text, writing server-sent events. The engine runs on its own thread (`EngineLoop`);
+tokens arrive here through `loop.call_soon_threadsafe` and wait in a per-request asyncio queue, so a
+slow or vanished client never holds up a step. Why Tornado: see docs/server.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from engine.llm_engine import LLMEngine
+from engine.records import RequestRecord
+from engine.server import protocol
+from engine.server.engine_loop import EngineLoop
+from engine.server.prometheus import ServerMetrics
+from engine.server.tokenizer import TextCodec
+
+CLOSED = object()  # put in a request's queue when its client went away or the server aborts it
+
+
+@dataclass
+class ServerState:
+    """What every handler shares: the engine loop, the tokenizer, the model's names, limits."""
+
+    loop: EngineLoop
+    codec: TextCodec
+    model: str  # the id clients name (`data[0].id`); also its `root`
+    max_len: int
+    max_waiting: int  # requests queued past this get 503
+    trace_out: TextIO | None = None  # finished requests' records, one JSON line each
+    draining: bool = False
+    active: set | None = None
+
+    def __post_init__(self) -> None:
+        self.active = set()
+
+
+class Detokenizer:
+    """Text of a growing list of ids, handed out as deltas; a cut UTF-8 character waits a token."""
+
+    def __init__(self, codec: TextCodec) -> None:
+        self.codec, self.ids, self.text = codec, [], ""
+
+    def add(self, ids: list[int], final: bool) -> str:
+        self.ids += ids
+        full = self.codec.decode(self.ids)
+        if full.endswith("\ufffd") and not final:  # a byte token that starts a character
+            return ""
+        delta, self.text = full[len(self.text):], full
+        return delta
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    def initialize(self, state: ServerState) -> None:
+        self.state = state
+
+    def fail(self, err: protocol.ApiError) -> None:
+        self.set_status(err.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(err.body()))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Tornado's own errors (404, 405, an uncaught exception) in OpenAI's error shape."""
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(protocol.ApiError(self._reason, status_code).body()))
+
+
+class GenerateHandler(JsonHandler):
+    """POST /v1/completions and /v1/chat/completions."""
+
+    def initialize(self, state: ServerState, chat: bool) -> None:
+        super().initialize(state)
+        self.chat = chat
+        self.rid: int | None = None
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.engine_done = False
+
+    async def post(self) -> None:
+        state = self.state
+        if state.draining:
+            return self.fail(protocol.ApiError("the server is shutting down", 503,
+                                               "ServiceUnavailableError"))
+        try:
+            args = protocol.parse(self.request.body, self.chat, state.codec, {state.model},
+                                  state.loop.engine.why_never)
+        except protocol.ApiError as err:
+            return self.fail(err)
+        if state.loop.queued >= state.max_waiting:
+            return self.fail(protocol.ApiError(
+                f"{state.loop.queued} requests are already waiting; try again later", 503,
+                "ServiceUnavailableError"))
+        self.rid = state.loop.submit(args.prompt_ids, args.max_tokens, args.sampling, self._sink)
+        state.active.add(self)
+        try:
+            await (self._stream(args) if args.stream else self._whole(args))
+        finally:
+            state.active.discard(self)
+
+    def _sink(self, new: list[int], reason: str | None, rejected: str | None) -> None:
+        self.engine_done = reason is not None or rejected is not None
+        self.queue.put_nowait((new, reason, rejected))
+
+    def abort(self) -> None:
+        """Stop this request: its client left, or the server is shutting down."""
+        if self.rid is not None and not self.engine_done:
+            self.engine_done = True
+            self.state.loop.abort(self.rid)
+            self.queue.put_nowait(CLOSED)
+
+    def on_connection_close(self) -> None:
+        self.abort()
+
+    async def _next(self) -> tuple[list[int], str | None]:
+        item = await self.queue.get()
+        if item is CLOSED:
+            return [], "abort"
+        new, reason, rejected = item
+        if rejected is not None:
+            raise protocol.ApiError(f"this request can never run here: {rejected}")
+        return new, reason
+
+    async def _whole(self, args: protocol.GenerateArgs) -> None:
+        ids: list[int] = []
+        reason = None
+        while reason is None:
+            try:
+                new, reason = await self._next()
+            except protocol.ApiError as err:
+                return self.fail(err)
+            ids += new
+        if self.request.connection.stream.closed():
+            return
+        text = self.state.codec.decode(ids)
+        self.finish(protocol.whole(args, self._id(), self.state.model, text, reason, ids))
+
+    async def _stream(self, args: protocol.GenerateArgs) -> None:
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        detok = Detokenizer(self.state.codec)
+        model, rid, count, reason = self.state.model, self._id(), 0, None
+        while reason is None:
+            try:
+                new, reason = await self._next()
+            except protocol.ApiError as err:
+                return self.fail(err)
+            if reason == "abort" and self.request.connection.stream.closed():
+                return  # the client left: nobody to tell
+            if args.chat and count == 0:  # vLLM's first chat event names the role
+                await self._send(protocol.chunk(args, rid, model, None, None, role=True))
+            count += len(new)
+            text = detok.add(new, reason is not None)
+            await self._send(protocol.chunk(args, rid, model, text, reason, new))
+        if args.include_usage:
+            await self._send(protocol.usage_chunk(args, rid, model, count))
+        await self._send_raw("data: [DONE]\n\n")
+        if not self._finished:
+            self.finish()
+
+    async def _send(self, event: dict) -> None:
+        await self._send_raw(f"data: {json.dumps(event)}\n\n")
+
+    async def _send_raw(self, text: str) -> None:
+        if self._finished:
+            return
+        try:
+            self.write(text)
+            await self.flush()
+        except StreamClosedError:
+            self.abort()
+
+    def _id(self) -> str:
+        return f"{'chatcmpl' if self.chat else 'cmpl'}-{self.rid}"
+
+
+class ModelsHandler(JsonHandler):
+    def get(self) -> None:
+        s = self.state
+        self.write({"object": "list", "data": [{
+            "id": s.model, "object": "model", "created": int(time.time()),
+            "owned_by": "serving-lab", "root": s.model, "parent": None,
+            "max_model_len": s.max_len}]})
+
+
+class HealthHandler(JsonHandler):
+    def get(self) -> None:
+        if self.state.loop.error is not None or not self.state.loop.thread.is_alive():
+            self.set_status(503)
+        self.finish()
+
+
+class MetricsHandler(JsonHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.state.loop.metrics.render())
+
+
+class NotFound(JsonHandler):
+    def prepare(self) -> None:
+        raise tornado.web.HTTPError(404)
+
+
+def make_app(state: ServerState) -> tornado.web.Application:
+    args = {"state": state}
+    return tornado.web.Application([
+        (r"/v1/completions", GenerateHandler, args | {"chat": False}),
+        (r"/v1/chat/completions", GenerateHandler, args | {"chat": True}),
+        (r"/v1/models", ModelsHandler, args),
+        (r"/health", HealthHandler, args),
+        (r"/metrics", MetricsHandler, args),
+    ], default_handler_class=NotFound, default_handler_args=args)
+
+
+async def shutdown(state: ServerState, server: tornado.httpserver.HTTPServer,
+                   grace_s: float, done: asyncio.Event) -> None:
+    """SIGTERM: take no new requests, let streams finish for `grace_s`, abort the rest."""
+    state.draining = True
+    server.stop()
+    deadline = time.monotonic() + grace_s
+    while state.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for handler in list(state.active):
+        handler.abort()  # ends its stream with finish_reason "abort" and [DONE]
+    while state.active and time.monotonic() < deadline + 2.0:
+        await asyncio.sleep(0.05)
+    done.set()
+
+
+def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.socket],
+          max_waiting: int, trace_out: TextIO | None = None
+          ) -> tuple[ServerState, tornado.httpserver.HTTPServer]:
+    """Start the engine loop and answer HTTP on `sockets`; call from a running event loop."""
+    aio = asyncio.get_running_loop()
+    metrics = ServerMetrics(model, engine.config.block_size, engine.num_blocks)
+
+    def write_record(record: RequestRecord) -> None:
+        trace_out.write(json.dumps(record.to_json()) + "\n")
+        trace_out.flush()
+
+    loop = EngineLoop(engine, metrics, aio.call_soon_threadsafe,
+                      write_record if trace_out is not None else None)
+    state = ServerState(loop, codec, model, engine.max_len, max_waiting, trace_out)
+    server = tornado.httpserver.HTTPServer(make_app(state))
+    server.add_sockets(sockets)
+    loop.start()
+    return state, server
+
+
+async def serve(engine: LLMEngine, codec: TextCodec, model: str, host: str, port: int,
+                max_waiting: int, grace_s: float, trace_out: TextIO | None) -> None:
+    """Run until SIGTERM or SIGINT; prints one line with the address once listening."""
+    state, server = start(engine, codec, model, tornado.netutil.bind_sockets(port, host),
+                          max_waiting, trace_out)
+    aio = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        aio.add_signal_handler(sig, lambda: aio.create_task(
+            shutdown(state, server, grace_s, done)))
+    print(f"serving {model} on http://{host}:{port} ({engine.device_name}, "
+          f"{engine.num_blocks} KV blocks of {engine.config.block_size} tokens)",
+          file=sys.stderr, flush=True)
+    await done.wait()
+    state.loop.stop()

@@ -1,0 +1,96 @@
+"""`python -m engine serve` and `python -m engine tokenizer`: their flags and what they do.
+
+`engine.cli` adds these subcommands to its parser; the heavy imports (tornado, tokenizers, the
+model) happen only when one of them runs, so `python -m engine run` does not pay for them.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+
+def add_commands(sub: argparse._SubParsersAction, positive_int, finite_float) -> None:
+    """Add `serve` and `tokenizer` to `python -m engine`'s subcommands."""
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    serve.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--page-size", type=int, default=16, help="tokens per KV block")
+    serve.add_argument("--kv-budget-mb", type=finite_float,
+                       help="KV cache size in MiB (default: device)")
+    serve.add_argument("--max-num-seqs", type=positive_int, default=8,
+                       help="most sequences in one batch")
+    serve.add_argument("--max-batched-tokens", type=positive_int, default=512,
+                       help="token budget per step (caps a prefill chunk)")
+    serve.add_argument("--max-model-len", type=positive_int,
+                       help="longest prompt + output (default: the model's positions)")
+    serve.add_argument("--max-waiting", type=positive_int, default=256,
+                       help="requests allowed to wait for a batch slot; past it, HTTP 503")
+    serve.add_argument("--shutdown-grace-s", type=finite_float, default=10.0,
+                       help="on SIGTERM, how long streams may finish before they are aborted")
+    serve.add_argument("--trace-out", type=Path,
+                       help="append each finished request's record here, one JSON line each")
+    serve.add_argument("--no-cuda-graphs", action="store_true",
+                       help="launch decode steps kernel by kernel (CUDA only)")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    serve.add_argument("--cpu-threads", type=positive_int,
+                       help="BLAS threads for CPU runs (default: one per core)")
+    serve.add_argument("--seed", type=int, default=0, help="seeds the preset's random weights")
+    serve.set_defaults(main=serve_main)
+
+    tok = sub.add_parser("tokenizer", help="write the tokenizer files a client needs")
+    tok.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
+    tok.add_argument("--out", type=Path, required=True, help="directory to write into")
+    tok.set_defaults(main=tokenizer_main)
+
+
+def _model_config(model: str):
+    from engine.config import preset
+    from engine.weights import config_from_hf
+    import json
+
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return config_from_hf(json.loads((path / "config.json").read_text()), str(path))
+    return preset(model)
+
+
+def tokenizer_main(args: argparse.Namespace) -> int:
+    from engine.server.tokenizer import for_model, write
+
+    for path in write(for_model(args.model, _model_config(args.model)), args.out):
+        print(path)
+    return 0
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.cpu_threads import set_blas_threads
+    from engine.llm_engine import LLMEngine
+    from engine.server.app import serve
+    from engine.server.tokenizer import for_model
+
+    budget = None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20)
+    config = EngineConfig(model=args.model, device=args.device, seed=args.seed,
+                          block_size=args.page_size, kv_budget_bytes=budget,
+                          max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_batched_tokens,
+                          max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs)
+    if args.cpu_threads is not None:
+        set_blas_threads(args.cpu_threads)
+    engine = LLMEngine(config)
+    codec = for_model(args.model, engine.model_config)
+    trace_out = args.trace_out.open("a") if args.trace_out else None
+    try:
+        asyncio.run(serve(engine, codec, args.model, args.host, args.port, args.max_waiting,
+                          args.shutdown_grace_s, trace_out))
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot listen on {args.host}:{args.port} ({err.strerror})",
+              file=sys.stderr)
+        return 2
+    finally:
+        if trace_out is not None:
+            trace_out.close()
+    return 0
