@@ -70,12 +70,19 @@ def _is_ids(value: Any) -> bool:
                                            for t in value)
 
 
+def _encode(codec: TextCodec, text: str) -> list[int]:
+    try:
+        return codec.encode(text)
+    except Exception:  # a lone surrogate ("\ud800") is valid JSON but not encodable text
+        raise ApiError("the prompt text is not valid Unicode") from None
+
+
 def _completion_prompt(body: dict, codec: TextCodec) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str):
-        return codec.encode(prompt)
+        return _encode(codec, prompt)
     if _is_ids(prompt):
         return list(prompt)
     raise ApiError("'prompt' must be a string, a list of token ids, or a list holding one of "
@@ -100,7 +107,7 @@ def _chat_prompt(body: dict, codec: TextCodec) -> list[int]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ApiError("each message must be an object with a string 'role'")
         clean.append({"role": m["role"], "content": _message_text(m.get("content", ""))})
-    return codec.encode(codec.render_chat(clean))
+    return _encode(codec, codec.render_chat(clean))
 
 
 def parse(raw: bytes, chat: bool, codec: TextCodec, model_names: set[str],
@@ -112,7 +119,7 @@ def parse(raw: bytes, chat: bool, codec: TextCodec, model_names: set[str],
         raise ApiError(f"the body is not valid JSON ({err})") from None
     if not isinstance(body, dict):
         raise ApiError("the body must be a JSON object")
-    model = body.get("model")
+    model = _get(body, "model", str, None)
     if model is not None and model not in model_names:
         raise ApiError(f"the model {json.dumps(model)[:80]} does not exist; this server has "
                        f"{', '.join(sorted(model_names))}", type_="NotFoundError",
