@@ -182,13 +182,16 @@ def test_sigterm_ends_open_streams_cleanly():
                                              "ignore_eos": True})
 
     reader = threading.Thread(target=client)
-    reader.start()
-    assert wait_until(lambda: metric(srv.port, "vllm:generation_tokens_total") > 0)
-    srv.proc.send_signal(signal.SIGTERM)
-    assert srv.proc.wait(30) == 0
-    reader.join(10)
-    assert got["done"] and got["events"][-1]["choices"][0]["finish_reason"] == "abort"
-    assert len(got["events"]) < 2000
+    try:
+        reader.start()
+        assert wait_until(lambda: metric(srv.port, "vllm:generation_tokens_total") > 0)
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(30) == 0
+        reader.join(10)
+        assert got["done"] and got["events"][-1]["choices"][0]["finish_reason"] == "abort"
+        assert len(got["events"]) < 2000
+    finally:
+        srv.close()
 
 
 def test_tokenizer_files_load_with_transformers(tmp_path):
