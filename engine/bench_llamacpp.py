@@ -1,0 +1,109 @@
+"""`python -m engine.bench_llamacpp`: the engine beside llama.cpp on the CPU, same weights.
+
+llama.cpp is what a user would pick for CPU inference, so it is the anchor for the engine's CPU
+figures. The engine's model goes to an f32 GGUF (`engine.gguf_export`); llama.cpp, through
+`llama-cpp-python` (the `llamacpp` extra, built from source), runs in a child process that never
+imports `engine` (`engine/llamacpp_child.py`). Measured on both sides:
+- greedy tokens for a few prompts, which must match (they check the export, rotary layout included);
+- TPOT at batch 1 (prompt 128, 64 new tokens; first to last token, per later token);
+- prefill speed: prompt tokens / time to the first token, for the same 128-token prompt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from engine.config import ConfigError, EngineConfig
+from engine.gguf_export import write_gguf
+from engine.hf_peer import plain_state
+from engine.llm_engine import LLMEngine
+from engine.metrics import summarize
+from engine.workload import WorkloadSpec, make_requests
+
+CHILD = Path(__file__).with_name("llamacpp_child.py")
+
+
+def run_llamacpp(engine: LLMEngine, jobs: dict, timeout_s: float = 1800) -> dict:
+    """Export the engine's weights to GGUF and run `jobs` on them in the llama.cpp child."""
+    state = {k: v.float().numpy() for k, v in plain_state(engine.model).items()}
+    with tempfile.TemporaryDirectory(prefix="llamacpp-") as tmp:
+        folder = Path(tmp)
+        write_gguf(folder / "model.gguf", state, engine.model_config)
+        (folder / "jobs.json").write_text(json.dumps(jobs))
+        # engine/__init__.py set OMP_WAIT_POLICY for the engine's threads; llama.cpp's OpenMP
+        # threads get their own default.
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        proc = subprocess.run([sys.executable, "-P", str(CHILD), str(folder)], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llama.cpp child failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(model: str, quick: bool, threads: int | None = None) -> dict:
+    repeats = 1 if quick else 3
+    new_tokens = 16 if quick else 64
+    engine = LLMEngine(EngineConfig(model=model, device="cpu", max_num_seqs=8))
+    vocab = engine.model_config.vocab_size
+    checks = make_requests(WorkloadSpec(num_requests=3, prompt_len=24, output_len=12, seed=7), vocab)
+    tpot_spec = WorkloadSpec(num_requests=1, prompt_len=128, output_len=new_tokens, seed=11)
+    tpot_prompt = make_requests(tpot_spec, vocab)[0].prompt_ids
+    theirs = run_llamacpp(engine, {
+        "n_ctx": 256, "threads": threads, "repeats": repeats, "new_tokens": new_tokens,
+        "tpot_prompt": tpot_prompt, "greedy": [[r.prompt_ids, r.max_tokens] for r in checks]})
+    ours_tokens = {r.id: r.output_ids for r in engine.run(checks).requests}
+    matches = [ours_tokens[r.id] == tokens for r, tokens in zip(checks, theirs["greedy"])]
+    summaries = [summarize(engine.run(tpot_spec)) for _ in range(repeats)]
+    return {
+        "model": model, "device": engine.device_name, "llama_cpp": theirs["llama_cpp_version"],
+        "llama_cpp_threads": theirs["threads"],
+        "greedy_match": matches, "engine_tokens": [ours_tokens[r.id] for r in checks],
+        "llama_cpp_tokens": theirs["greedy"],
+        "tpot_ms": {"engine": statistics.median(s.tpot_ms.p50 for s in summaries),
+                    "llama_cpp": statistics.median(theirs["tpot_s"]) * 1e3},
+        "prefill_tok_s": {"engine": statistics.median(128 / (s.ttft_ms.p50 / 1e3)
+                                                      for s in summaries),
+                          "llama_cpp": statistics.median(theirs["prefill_tok_s"])},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.bench_llamacpp",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: one per core)")
+    parser.add_argument("--quick", action="store_true", help="16 new tokens, one repeat")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp  # noqa: F401
+    except ImportError as err:
+        print(f"error: {err.name} is not installed; pip install -e '.[llamacpp]'", file=sys.stderr)
+        return 2
+    try:
+        out = run(args.model, args.quick, args.threads)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"model {out['model']}, engine on {out['device']}, llama.cpp {out['llama_cpp']} on "
+          f"{out['llama_cpp_threads']} threads")
+    print(f"greedy tokens match: {out['greedy_match']}")
+    t, p = out["tpot_ms"], out["prefill_tok_s"]
+    print(f"TPOT batch 1: engine {t['engine']:.2f} ms, llama.cpp {t['llama_cpp']:.2f} ms")
+    print(f"prefill (128 tokens): engine {p['engine']:.0f} tok/s, llama.cpp {p['llama_cpp']:.0f} "
+          "tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
