@@ -23,7 +23,7 @@ from lab.classroom import Classroom, ClassView, Presenter
 from lab.content import Content
 from lab.demo import DemoController
 from lab.prediction import grade, metric_value
-from widgets.style import MET, fmt_num, make_figure
+from widgets.style import MET, fmt_num, fmt_value, make_figure
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Baseline:
     """The instructor's measured run when the poll opened: the setting and the graded metric."""
 
     control: str
-    setting: int
+    setting: Any  # a number, or an option name for mix and policy
     metric: float
 
 
@@ -150,7 +150,7 @@ class PresenterBar(_Bar):
         setting = None if key is None else getattr(key, base.control)
         if (summary is None or setting == base.setting or self.demo.state.status != "done"
                 or key != self.demo.state.key()):
-            self.message.object = (f"Move **{base.control}** away from {fmt_num(base.setting)} and "
+            self.message.object = (f"Move **{base.control}** away from {fmt_value(base.setting)} and "
                                    "wait until your run is measured, then reveal.")
             return
         self.presenter.broadcast(self.demo.state.values())
@@ -171,7 +171,7 @@ class PresenterBar(_Bar):
         change = f" ({(after - base.metric) / base.metric:+.0%})" if base.metric else ""
         return (f"Measured on {self.demo.trace.device}: {q['metric_label']} went from "
                 f"{fmt_num(base.metric)} to {fmt_num(after)}{change} as {base.control} moved from "
-                f"{fmt_num(base.setting)} to {fmt_num(setting)}. That counts as "
+                f"{fmt_value(base.setting)} to {fmt_value(setting)}. That counts as "
                 f"\u201c{label}\u201d. {right} of {view.committed()} committed predictions said so."
                 f"\n\n{observed.explanation}")
 

@@ -18,8 +18,12 @@ from typing import Any
 import yaml
 
 CONTENT_DIR = Path(__file__).resolve().parents[1] / "content"
-PLOT_IDS = ("latency", "timeline", "kv_memory", "page_map", "tpot_batch")
-CONTROLS = ("batch", "context", "page", "output")
+PLOT_IDS = ("latency", "timeline", "kv_memory", "page_map", "queue", "policy", "tpot_batch",
+            "goodput_rate")
+# The run-shaping controls a prediction question may ask about (all of LabState's but the model;
+# tests/test_content.py checks the two lists agree).
+CONTROLS = ("batch", "context", "page", "output", "requests", "rate", "mix", "kv_mb", "policy",
+            "chunk")
 DIRECTIONS = ("up_lot", "up_little", "flat", "down")
 PROMPT_FIELDS = ("object_kind", "object_label", "object_key", "question", "next_action",
                  "demo_state")
@@ -42,7 +46,8 @@ SCHEMAS: dict[str, Any] = {
                    "symbols": [{"symbol": None, "meaning": None, "code_name": None}]}],
     "presets.yaml": {"default": None, "presets": [{
         "id": None, "label": None, "description": None,
-        "values": dict.fromkeys(("batch", "context", "page", "output", "ttft_slo", "tpot_slo"))}]},
+        "values": dict.fromkeys(("batch", "context", "page", "output", "ttft_slo", "tpot_slo",
+                                  "requests", "rate", "mix", "kv_mb", "policy", "chunk"))}]},
     "predictions.yaml": {
         "thresholds": {"flat_below": None, "little_below": None, "description": None},
         "controls": [{"control": None, "question": None, "metric": None, "metric_label": None,
@@ -102,7 +107,7 @@ class Content:
         return _by_key(self.sources, "id", source_id, "sources.yaml")
 
     def prediction(self, control: str) -> Mapping[str, Any]:
-        """The prediction question for one control (batch, context, page or output)."""
+        """The prediction question for one control (one of CONTROLS)."""
         return _by_key(self.predictions["controls"], "control", control, "predictions.yaml")
 
     def section(self, section_id: str) -> Mapping[str, Any]:

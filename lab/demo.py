@@ -19,22 +19,26 @@ from engine import analytic
 from engine.llm_engine import describe_device
 from engine.metrics import summarize
 from engine.records import StepRecord, Trace
-from lab.runs import (SWEEP_BATCHES, Limits, ModelShelf, RunKey, bytes_per_elem, check_run,
-                      execute, floor_ms, kv_need_bytes, sweep_key)
+from lab.runs import (SWEEP_BATCHES, SWEEP_RATES, Limits, ModelShelf, RunKey, bytes_per_elem,
+                      check_run, execute, floors_ms, kv_capacity_bytes, other_policy_key,
+                      rate_key, ridge_batch, running_bounds, sweep_key)
 from lab.service import EngineService, Outcome
 from lab.state import LabState
 from widgets.device_banner import DeviceBanner
+from widgets.goodput_rate_plot import GoodputRatePlot
 from widgets.kv_memory_plot import KVMemoryPlot
 from widgets.latency_plot import LatencyPlot
 from widgets.notice import Notice
 from widgets.page_map import PageMap
+from widgets.policy_compare import PolicyComparison
+from widgets.queue_plot import QueuePlot
 from widgets.style import RunInfo
 from widgets.summary_table import SummaryTable
 from widgets.timeline_plot import TimelinePlot
 from widgets.tpot_batch_plot import TPOTBatchPlot
 
-RUN_CONTROLS = ("batch", "context", "page", "output", "model")
 QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
+REPEATS = 3  # measurements of one setting, for its run-to-run spread
 
 
 def frozen(doc, fn, *args) -> None:
@@ -83,8 +87,12 @@ class DemoController:
         self.kv_memory = KVMemoryPlot()
         self.page_map = PageMap()
         self.tpot_batch = TPOTBatchPlot()
+        self.queue = QueuePlot()
+        self.policy = PolicyComparison()
+        self.goodput_rate = GoodputRatePlot()
         self.trace: Trace | None = None  # the last good run
         self.shown_key: RunKey | None = None
+        self.repeat = 0  # which measurement of the current setting "Run again" asked for
         self.listeners: list = []  # called with (trace, summary) after each finished run
         self._doc = None
         self._lock = threading.Lock()
@@ -93,8 +101,9 @@ class DemoController:
         self._last_flush = 0.0  # time.monotonic() of the last live update
         self._run_id = 0  # bumped by each submission; steps of older runs are dropped
         self._sweep: dict[int, float] = {}
+        self._rates: dict[float, Trace] = {}
         self._queue_cb = None
-        state.param.watch(self._on_controls, list(RUN_CONTROLS))
+        state.param.watch(self._on_controls, list(LabState.RUN_CONTROLS))
         state.param.watch(self._on_slo, ["ttft_slo", "tpot_slo"])
 
     # -- thread hop ----------------------------------------------------------------------------
@@ -118,10 +127,29 @@ class DemoController:
         self._hop(self.submit)
 
     def _on_controls(self, *_events) -> None:
+        self.repeat = 0
         self._hop(self.submit)
 
+    def run_again(self) -> None:
+        """Measure the current setting once more (a new measurement, not the cached one)."""
+        base = self.state.key()
+        self.repeat = next(r for r in range(1, 10**6)
+                           if self.service.cached(base.with_(repeat=r)) is None)
+        self._hop(self.submit)
+
+    def repeats(self, key: RunKey) -> list[Trace]:
+        """Every cached measurement of `key`'s setting (any repeat index)."""
+        found = []
+        for r in range(10**6):
+            trace = self.service.cached(key.with_(repeat=r))
+            if trace is None and r >= REPEATS:
+                break
+            if trace is not None:
+                found.append(trace)
+        return found
+
     def submit(self) -> None:
-        key = self.state.key()
+        key = self.state.key(self.repeat)
         why = check_run(key, self.limits)
         if why is not None:
             self.state.param.update(status="refused", notice=why)
@@ -149,12 +177,12 @@ class DemoController:
 
     def _clear_for_run(self) -> None:
         self.state.param.update(status="queued", notice="", steps_done=0)
-        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map):
+        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map, self.queue):
             plot.reset()
         self.summary.reset()
 
     def _run(self, key: RunKey, on_step, cancel) -> Trace:
-        return execute(key, self.shelf, on_step, cancel)
+        return execute(key, self.shelf, on_step, cancel, max_run_s=self.limits.max_run_s)
 
     def _step_from_worker(self, run_id: int, step: StepRecord) -> None:
         """On the worker thread: keep the step for the next live update, and schedule one. The
@@ -192,15 +220,15 @@ class DemoController:
         status = "running" if self.state.status in ("queued", "running") else self.state.status
         self.state.param.update(status=status, steps_done=self.state.steps_done + len(steps),
                                 queue_position=0)
-        self.timeline.add_steps(steps, info)
-        self.kv_memory.add_steps(steps, info)
+        for plot in (self.timeline, self.kv_memory, self.queue):
+            plot.add_steps(steps, info)
 
     def _run_info(self) -> RunInfo:
         key = self.state.key()
         elem = bytes_per_elem(self.shelf.device)
         cfg = self.shelf.get(key.model).config
         block_bytes = cfg.kv_bytes_per_token(elem) * key.page
-        capacity = kv_need_bytes(key, cfg, elem)  # execute() sizes the cache to exactly this
+        capacity = kv_capacity_bytes(key, cfg, elem)  # the cache execute() gives the run
         return RunInfo(block_size=key.page, num_blocks=capacity // block_bytes,
                        kv_bytes_capacity=capacity, block_bytes=block_bytes,
                        device=describe_device(self.shelf.device), model=key.model)
@@ -220,18 +248,35 @@ class DemoController:
             return
         self._flush_steps()
         self.trace = outcome.trace
+        workload_changed = (self.shown_key is None or
+                            self.shown_key.with_(policy="continuous", repeat=0)
+                            != key.with_(policy="continuous", repeat=0))
         self.shown_key = key
         self.state.param.update(status="done")
+        if workload_changed:
+            self.policy.reset()
         self._draw(outcome.trace)
+        self.service.drop_background(self.session)
+        self._start_policy_comparison(key)
+        self._start_repeats(key)
         self._start_sweep(key)
+        self._start_rate_sweep(key)
 
     def _draw(self, trace: Trace) -> None:
-        summary = summarize(trace, self.state.slo())
+        slo = self.state.slo()
+        summary = summarize(trace, slo)
         probe = analytic.probe(self.shelf.device.type)
         self.banner.update(trace.device, trace.model, probe)
-        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map):
-            plot.show(trace, summary, self.state.slo())
-        self.summary.show(trace, summary, self.state.slo())
+        key = self.shown_key
+        if key is not None:
+            cfg = self.shelf.get(key.model).config
+            self.queue.set_bounds(running_bounds(key, cfg, bytes_per_elem(self.shelf.device)))
+        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map, self.queue):
+            plot.show(trace, summary, slo)
+        self.summary.show(trace, summary, slo)
+        if key is not None:
+            self._draw_policies()
+        self.goodput_rate.rejudge(slo)
         self._draw_sweep()
         for listener in self.listeners:
             listener(trace, summary)
@@ -244,27 +289,59 @@ class DemoController:
         if self.trace is not None:
             self._draw(self.trace)
 
-    # -- background TPOT sweep -----------------------------------------------------------------
+    # -- background work: the other policy, repeats, the batch and rate sweeps ------------------
+    # Submitted in this order after each finished run; the service runs them only while no
+    # learner's run waits, and stops one in progress when a learner's run arrives.
+    def _background(self, key: RunKey, done) -> Trace | None:
+        """The cached trace for `key`, or None after queueing its run with `done` to follow."""
+        cached = self.service.cached(key)
+        if cached is None:
+            self.service.submit(self.session, key, partial(self._run, key),
+                                on_done=lambda o: self._hop(done, key, o), background=True)
+        return cached
+
+    def _start_policy_comparison(self, key: RunKey) -> None:
+        other = other_policy_key(key).with_(repeat=0)
+        wanted = other.policy not in self.policy.traces and check_run(other, self.limits) is None
+        self.policy.show(key.policy, self.trace, self.state.slo(),
+                         pending=other.policy if wanted else "")
+        if not wanted:
+            return
+        cached = self._background(other, self._policy_done)
+        if cached is not None:
+            self.policy.show(other.policy, cached, self.state.slo())
+
+    def _policy_done(self, key: RunKey, outcome: Outcome) -> None:
+        shown = self.shown_key
+        if outcome.trace is None or shown is None or other_policy_key(shown).with_(
+                repeat=0) != key:
+            return
+        self.policy.show(key.policy, outcome.trace, self.state.slo())
+
+    def _draw_policies(self) -> None:
+        self.policy.rejudge(self.state.slo())
+
+    def _start_repeats(self, key: RunKey) -> None:
+        """Measure the setting REPEATS times in all, for the spread the prediction gate uses."""
+        for r in range(REPEATS):
+            self._background(key.with_(repeat=r), lambda *_: None)
+
     def _start_sweep(self, key: RunKey) -> None:
-        self.service.drop_background(self.session)
         self._sweep = {}
         for batch in SWEEP_BATCHES:
             sk = sweep_key(key, batch)
             if check_run(sk, self.limits) is not None:
                 continue
-            cached = self.service.cached(sk)
+            cached = self._background(sk, self._sweep_point)
             if cached is not None:  # drawn once below, not one redraw per cached point
                 self._sweep[batch] = summarize(cached).tpot_ms.p50
-                continue
-            self.service.submit(self.session, sk, partial(self._run, sk),
-                                on_done=lambda o, b=batch, k=key: self._hop(self._sweep_point, k, b, o),
-                                background=True)
         self._draw_sweep()
 
-    def _sweep_point(self, key: RunKey, batch: int, outcome: Outcome) -> None:
-        if outcome.trace is None or key != self.shown_key:
+    def _sweep_point(self, sk: RunKey, outcome: Outcome) -> None:
+        shown = self.shown_key
+        if outcome.trace is None or shown is None or sweep_key(shown, sk.batch) != sk:
             return
-        self._sweep[batch] = summarize(outcome.trace).tpot_ms.p50
+        self._sweep[sk.batch] = summarize(outcome.trace).tpot_ms.p50
         self._draw_sweep()
 
     def _draw_sweep(self) -> None:
@@ -274,12 +351,36 @@ class DemoController:
         cfg = self.shelf.get(key.model).config
         probe = analytic.probe(self.shelf.device.type)
         elem = bytes_per_elem(self.shelf.device)
-        sk = sweep_key(key, key.batch)
-        floors = [(b, floor_ms(sk, b, cfg, probe, elem)) for b in SWEEP_BATCHES]
+        floors = [(b, *floors_ms(key, b, cfg, probe, elem)) for b in SWEEP_BATCHES]
         expected = [b for b in SWEEP_BATCHES if check_run(sweep_key(key, b), self.limits) is None]
         points = sorted(self._sweep.items())
         self.tpot_batch.show_sweep(points, floors, key.batch,
-                                   pending=len(points) < len(expected))
+                                   pending=len(points) < len(expected),
+                                   ridge=ridge_batch(key, cfg, probe, elem))
+
+    def rate_sweep_keys(self, key: RunKey) -> list[RunKey]:
+        """The arrival rates the goodput sweep measures for this workload (those that may run)."""
+        if key.requests < 4:  # too few requests for a rate to mean anything
+            return []
+        return [rk for rk in (rate_key(key, r) for r in SWEEP_RATES)
+                if check_run(rk, self.limits) is None]
+
+    def _start_rate_sweep(self, key: RunKey) -> None:
+        keys = self.rate_sweep_keys(key)
+        self._rates = {}
+        for rk in keys:
+            cached = self._background(rk, self._rate_point)
+            if cached is not None:
+                self._rates[rk.rate] = cached
+        self.goodput_rate.show_sweep(self._rates, len(keys), self.state.slo())
+
+    def _rate_point(self, rk: RunKey, outcome: Outcome) -> None:
+        shown = self.shown_key
+        if outcome.trace is None or shown is None or rate_key(shown, rk.rate) != rk:
+            return
+        self._rates[rk.rate] = outcome.trace
+        self.goodput_rate.show_sweep(self._rates, len(self.rate_sweep_keys(shown)),
+                                     self.state.slo())
 
     # -- queue position ------------------------------------------------------------------------
     # Bokeh's own periodic callback on the session's document, not Panel's wrapper: these run on

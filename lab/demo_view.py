@@ -52,18 +52,35 @@ class Select(_OneRecount, pn.widgets.Select):
 
 
 def controls(demo: DemoController, content: Content) -> pn.Column:
-    """Sliders bound to LabState (they report only on release: the extension is throttled)."""
+    """Sliders bound to LabState (they report only on release: the extension is throttled), in
+    three groups: the workload, the engine, and the targets."""
     s = demo.state
-    sliders = [
-        IntSlider.from_param(s.param.batch, name="Batch size (requests)"),
-        IntSlider.from_param(s.param.context, name="Context length (prompt tokens)", step=16),
-        IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
-        IntSlider.from_param(s.param.output, name="Output tokens"),
-        FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10, end=5000),
-        FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1, end=500),
-        Select.from_param(s.param.model, name="Model preset"),
-    ]
-    for w in sliders:  # two columns on a wide screen, one on a phone
+    kv_cap_mb = max(1, int(demo.limits.kv_budget_bytes // 2**20))
+    groups = {
+        "The workload": [
+            IntSlider.from_param(s.param.requests, name="Requests"),
+            FloatSlider.from_param(s.param.rate, name="Arrival rate (requests/s, 0 = all at once)",
+                                   step=0.25),
+            Select.from_param(s.param.mix, name="Lengths (fixed, or mixed: lognormal)"),
+            IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
+                                 step=16),
+            IntSlider.from_param(s.param.output, name="Output tokens"),
+        ],
+        "The engine": [
+            IntSlider.from_param(s.param.batch, name="Batch size (most running at once)"),
+            IntSlider.from_param(s.param.kv_mb, name="KV memory (MB)",
+                                 end=min(kv_cap_mb, s.param.kv_mb.bounds[1])),
+            IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
+            IntSlider.from_param(s.param.chunk, name="Prefill chunk (tokens per step)", step=16),
+            Select.from_param(s.param.policy, name="Batching policy"),
+            Select.from_param(s.param.model, name="Model preset"),
+        ],
+        "The targets": [
+            FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10, end=5000),
+            FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1, end=500),
+        ],
+    }
+    for w in (w for ws in groups.values() for w in ws):  # two columns on a wide screen
         w.sizing_mode = "stretch_width"
         w.styles = {"flex": "1 1 320px"}
     buttons = []
@@ -78,11 +95,16 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
         navigator.clipboard.writeText(window.location.href).then(
           () => { cb.label = 'Link copied'; setTimeout(() => { cb.label = 'Copy link to these settings'; }, 2000); },
           () => { cb.label = 'Copy failed: use the address bar'; });""", args={"cb": copy})
-    return pn.Column(
-        pn.pane.Markdown("**Presets**", margin=(0, 10)),
-        pn.FlexBox(*buttons, copy, gap="6px"),
-        pn.FlexBox(*sliders, gap="4px 16px", css_classes=["sliders"]),
-        sizing_mode="stretch_width")
+    again = pn.widgets.Button(name="Run again", button_type="light", css_classes=["run-again"],
+                              description="Measure this setting once more: runs vary, and the "
+                                          "gate grades a change against that spread")
+    again.on_click(lambda _e: demo.run_again())
+    parts = [pn.pane.Markdown("**Presets**", margin=(0, 10)),
+             pn.FlexBox(*buttons, copy, again, gap="6px")]
+    for title, widgets in groups.items():
+        parts += [pn.pane.Markdown(f"**{title}**", margin=(6, 10, 0, 10)),
+                  pn.FlexBox(*widgets, gap="4px 16px", css_classes=["sliders"])]
+    return pn.Column(*parts, sizing_mode="stretch_width")
 
 
 def status_line(demo: DemoController) -> pn.Row:
@@ -119,7 +141,10 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
             plot_card("Step timeline", demo.timeline, "timeline"),
             plot_card("KV memory over steps", demo.kv_memory, "kv_memory"),
             plot_card("Page map", demo.page_map, "page_map"),
+            plot_card("Running and waiting", demo.queue, "queue"),
+            plot_card("Static against continuous batching", demo.policy, "policy"),
             plot_card("TPOT against batch size", demo.tpot_batch, "tpot_batch"),
+            plot_card("Goodput against arrival rate", demo.goodput_rate, "goodput_rate"),
             gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),
         sizing_mode="stretch_width")
     parts += [demo.banner, demo.link_notice, controls(demo, content), status_line(demo),

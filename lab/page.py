@@ -21,7 +21,7 @@ from lab.state import LabState
 MAX_WIDTH = 1180  # a comfortable reading width on a projector; narrower screens fill the width
 
 
-URL_KEYS = ("batch", "context", "page", "output", "ttft_slo", "tpot_slo", "model")
+URL_KEYS = LabState.CONTROLS
 EMBED_CSS = "#header { display: none !important; } #main { padding-top: 0 !important; }"
 
 

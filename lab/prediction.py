@@ -9,11 +9,13 @@ tells a view what to show; `attach_prediction_gate` connects it to a `DemoContro
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from engine.metrics import summarize
 from lab.content import CONTROLS, Content, to_plain
+from lab.runs import RunKey
 
 if TYPE_CHECKING:  # the widget imports Panel; the grading must not
     from lab.demo import DemoController
@@ -34,9 +36,13 @@ def metric_value(summary: Any, metric: str) -> float:
     """The graded number of a run summary, by its predictions.yaml metric name."""
     getters = {
         "tpot_p50_ms": lambda s: s.tpot_ms.p50,
+        "tpot_p90_ms": lambda s: s.tpot_ms.p90,
         "ttft_p50_ms": lambda s: s.ttft_ms.p50,
+        "ttft_p90_ms": lambda s: s.ttft_ms.p90,
         "waste_tokens": lambda s: s.waste_tokens_peak,
         "kv_gb": lambda s: s.kv_bytes_peak / 1e9,
+        "throughput_tok_s": lambda s: s.throughput_tok_s,
+        "duration_s": lambda s: s.duration_s,
     }
     if metric not in getters:
         raise KeyError(f"unknown prediction metric {metric!r}")
@@ -50,9 +56,23 @@ def relative_change(before: float, after: float) -> float:
     return (after - before) / abs(before)
 
 
-def direction(change: float, thresholds: Mapping[str, Any]) -> str:
-    """Name a relative change (already in the raising sense) with the thresholds' four words."""
-    flat, little = float(thresholds["flat_below"]), float(thresholds["little_below"])
+def spread(values: list[float]) -> float | None:
+    """Run-to-run spread of repeated measurements of one setting: (max - min) / median, or None
+    with fewer than two."""
+    if len(values) < 2:
+        return None
+    ordered = sorted(values)
+    middle = ordered[len(ordered) // 2] if len(ordered) % 2 else sum(
+        ordered[len(ordered) // 2 - 1:len(ordered) // 2 + 1]) / 2
+    return (ordered[-1] - ordered[0]) / abs(middle) if middle else None
+
+
+def direction(change: float, thresholds: Mapping[str, Any], noise: float | None = None) -> str:
+    """Name a relative change (already in the raising sense) with the thresholds' four words. With
+    a measured `noise` (the settings' run-to-run spread) a change inside it is flat; without one,
+    the fixed `flat_below` stands in."""
+    flat = float(thresholds["flat_below"]) if noise is None else noise
+    little = max(float(thresholds["little_below"]), flat)
     if change <= -flat:
         return "down"
     if change < flat:
@@ -61,7 +81,8 @@ def direction(change: float, thresholds: Mapping[str, Any]) -> str:
 
 
 def grade(control: str, before_value: float, after_value: float, before_metric: float,
-          after_metric: float, choice: str, content: Content) -> Verdict:
+          after_metric: float, choice: str, content: Content,
+          noise: float | None = None) -> Verdict:
     """Grade a choice (a choice id or a direction) for one control move against the measurements.
 
     The questions are about raising a control. When it was lowered, the move is read the other way
@@ -74,13 +95,14 @@ def grade(control: str, before_value: float, after_value: float, before_metric: 
     if chosen is None:
         raise KeyError(f"control {control!r} has no choice {choice!r}")
     raw = relative_change(before_metric, after_metric)
-    lowered = after_value < before_value
+    lowered = setting_number(control, after_value) < setting_number(control, before_value)
     graded = relative_change(after_metric, before_metric) if lowered else raw
-    observed = direction(graded, content.predictions["thresholds"])
+    observed = direction(graded, content.predictions["thresholds"], noise)
     numbers = {"control": control, "before_value": before_value, "after_value": after_value,
                "metric": spec["metric"], "metric_label": spec["metric_label"],
                "before": before_metric, "after": after_metric, "change": raw,
-               "graded_change": graded, "lowered": lowered, "chosen": chosen}
+               "graded_change": graded, "lowered": lowered, "chosen": chosen,
+               "noise": noise}
     return Verdict(agreed=chosen == observed, observed_direction=observed,
                    explanation=spec["explanations"][observed], numbers=numbers)
 
@@ -94,16 +116,31 @@ class Question:
     whose run will answer it."""
 
     control: str
-    before_value: float
-    after_value: float
+    before_value: Any  # a number, or an option's name for mix and policy
+    after_value: Any
     before_metric: float
     target: Mapping[str, Any]  # the run-shaping settings of the run that answers the question
+    base: Mapping[str, Any] = field(default_factory=dict)  # the settings it is measured against
     skipped: bool = False  # the learner chose to see the result without a guess
 
 
 def run_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     """The run-shaping part of the controls' values."""
     return {k: values[k] for k in RUN_KEYS}
+
+
+# Controls that take a name: their options in the order the questions call "raising".
+ORDERED_CHOICES = {"mix": ("fixed", "mixed"), "policy": ("continuous", "static")}
+
+
+def setting_number(control: str, value: Any) -> float:
+    """A control's value on the scale its question reads as "raising": an option's place for the
+    named controls, infinity for a rate of 0 (every request at once is the heaviest load)."""
+    if control in ORDERED_CHOICES:
+        return float(ORDERED_CHOICES[control].index(value) + 1)
+    if control == "rate" and value == 0:
+        return math.inf
+    return float(value)
 
 
 def pick_control(before: Mapping[str, Any],
@@ -113,7 +150,13 @@ def pick_control(before: Mapping[str, Any],
     moved = [c for c in CONTROLS if before[c] != after[c]]
     if not moved or before["model"] != after["model"]:
         return None
-    ratio = {c: abs(math.log(max(after[c], 1e-9) / max(before[c], 1e-9))) for c in moved}
+
+    def log_ratio(c: str) -> float:
+        a, b = setting_number(c, after[c]), setting_number(c, before[c])
+        if math.isinf(a) or math.isinf(b):
+            return math.inf
+        return abs(math.log(max(a, 1e-9) / max(b, 1e-9)))
+    ratio = {c: log_ratio(c) for c in moved}
     control = max(moved, key=lambda c: ratio[c])
     return control, tuple(c for c in moved if c != control)
 
@@ -125,9 +168,13 @@ class PredictionFlow:
     closes when both the run for its settings and the learner's choice (or a skip) are in.
     """
 
-    def __init__(self, content: Content, gate: "PredictionGate") -> None:
+    def __init__(self, content: Content, gate: "PredictionGate",
+                 noise_of: Callable[[Mapping[str, Any], str], float | None] | None = None) -> None:
+        """`noise_of(settings, metric)` answers the run-to-run spread of a setting's metric (None
+        until it was measured at least twice); without it the fixed flat threshold is used."""
         self.content = content
         self.gate = gate
+        self.noise_of = noise_of
         self.baseline: tuple[dict[str, Any], Any] | None = None
         self.last_trace: Any = None
         self.question: Question | None = None
@@ -178,12 +225,16 @@ class PredictionFlow:
         control, others = picked
         spec = self.content.prediction(control)
         old = self.question
-        lowered = settings[control] < before[control]
+
+        def is_lowered(a: Any, b: Any) -> bool:
+            return setting_number(control, b) < setting_number(control, a)
+        lowered = is_lowered(before[control], settings[control])
         keep = (old is not None and old.control == control
-                and (old.after_value < old.before_value) == lowered)
+                and is_lowered(old.before_value, old.after_value) == lowered)
         self.question = Question(control, before[control], settings[control],
-                                 metric_value(summary, spec["metric"]), settings)
-        self.gate.ask(spec, before[control], settings[control], others, keep_choice=keep)
+                                 metric_value(summary, spec["metric"]), settings, dict(before))
+        self.gate.ask(spec, before[control], settings[control], others, keep_choice=keep,
+                      lowered=lowered)
         return True
 
     def _on_skip(self, event: Any) -> None:
@@ -204,10 +255,20 @@ class PredictionFlow:
         spec = self.content.prediction(q.control)
         verdict = grade(q.control, q.before_value, q.after_value, q.before_metric,
                         metric_value(summary, spec["metric"]),
-                        self.gate.choice or spec["choices"][0]["id"], self.content)
+                        self.gate.choice or spec["choices"][0]["id"], self.content,
+                        noise=self._noise(q, spec["metric"]))
         self.question, self.result = None, None
         self.gate.reveal(verdict=verdict, skipped=skipped,
                          note=self.content.after["gate"]["skipped"] if skipped else "")
+
+
+    def _noise(self, q: Question, metric: str) -> float | None:
+        """The larger run-to-run spread of the two settings, of those measured at least twice."""
+        if self.noise_of is None:
+            return None
+        spreads = [x for x in (self.noise_of(q.base, metric), self.noise_of(q.target, metric))
+                   if x is not None]
+        return max(spreads, default=None)
 
 
 def attach_prediction_gate(demo: "DemoController", content: Content) -> "PredictionGate":
@@ -215,13 +276,17 @@ def attach_prediction_gate(demo: "DemoController", content: Content) -> "Predict
     from widgets.prediction_gate import PredictionGate  # Panel, so only when a page is built
 
     gate = PredictionGate(messages=to_plain(content.after["gate"]))
-    flow = PredictionFlow(content, gate)
+
+    def noise_of(settings: Mapping[str, Any], metric: str) -> float | None:
+        traces = demo.repeats(RunKey(**settings))
+        return spread([metric_value(summarize(t), metric) for t in traces])
+
+    flow = PredictionFlow(content, gate, noise_of)
     state = demo.state
 
     def shown_settings() -> dict[str, Any]:
         key = demo.shown_key  # the run being drawn, which may lag the sliders
-        return {"model": key.model, "batch": key.batch, "context": key.context,
-                "page": key.page, "output": key.output}
+        return {k: getattr(key, k) for k in RUN_KEYS}
 
     def on_controls(*_events: Any) -> None:
         flow.controls_changed(state.values())

@@ -53,6 +53,7 @@ class Job:
     listeners: list[Listener] = field(default_factory=list)
     steps: list[StepRecord] = field(default_factory=list)  # replayed to late joiners
     cancel: threading.Event = field(default_factory=threading.Event)
+    yielded: bool = False  # a background run stopped for a learner's run; it starts over later
 
 
 class EngineService:
@@ -102,6 +103,7 @@ class EngineService:
                     else:
                         self._waiting[session] = job
                         self._order.insert(len(self._order) if place is None else place, session)
+                        self._yield_background()
                     self._ensure_worker()
                     self._cond.notify_all()
         if cached is not None:
@@ -119,6 +121,15 @@ class EngineService:
             if job.key == key:
                 return job
         return None
+
+    def _yield_background(self) -> None:
+        """A learner now waits: stop a background run in progress (a sweep at a low arrival rate
+        can take many seconds, mostly waiting for arrivals); it runs again from the start once
+        nobody waits."""
+        job = self._current
+        if job is not None and job.background and not job.cancel.is_set():
+            job.yielded = True
+            job.cancel.set()
 
     def _promote(self, job: Job, session: str) -> None:
         """A session now waits on a background job: move it into that session's turn."""
@@ -208,6 +219,16 @@ class EngineService:
     def _work(self) -> None:
         while (job := self._next_job()) is not None:
             outcome = self._execute(job)
+            if outcome.cancelled and job.yielded:
+                with self._cond:
+                    self._current = None
+                    twin = self._find(job.key)  # the learner may have asked for this very run
+                    if twin is not None:
+                        twin.listeners += job.listeners
+                    elif job.listeners:  # still wanted: back to the front of the background
+                        job.yielded, job.steps, job.cancel = False, [], threading.Event()
+                        self._background.appendleft(job)
+                continue
             with self._cond:
                 if outcome.trace is not None:
                     self._cache[job.key] = outcome.trace

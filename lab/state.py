@@ -5,6 +5,8 @@ parameters with `from_param`. Bounds here are the sliders' ranges.
 """
 from __future__ import annotations
 
+from dataclasses import fields
+
 import param
 
 from engine.config import PRESETS, SLO
@@ -16,13 +18,27 @@ LAB_MODELS = ("cpu-8m", "cpu-30m", "gpu-1b")  # presets a learner may pick (tiny
 class LabState(param.Parameterized):
     """One learner's settings and the status of their latest run."""
 
-    batch = param.Integer(default=8, bounds=(1, 64), doc="Requests sent at once (batch size)")
-    context = param.Integer(default=128, bounds=(16, 8192), doc="Prompt length in tokens")
+    batch = param.Integer(default=8, bounds=(1, 64),
+                          doc="Most sequences running at once (max_num_seqs)")
+    context = param.Integer(default=128, bounds=(16, 8192),
+                            doc="Prompt length in tokens (the mean, for mixed lengths)")
     page = param.Integer(default=16, bounds=(1, 256), doc="Tokens per KV page (block size)")
-    output = param.Integer(default=64, bounds=(1, 512), doc="Tokens generated per request")
+    output = param.Integer(default=64, bounds=(1, 512),
+                           doc="Tokens generated per request (the mean, for mixed lengths)")
     ttft_slo = param.Number(default=500.0, bounds=(1.0, 60000.0), doc="TTFT target (ms)")
     tpot_slo = param.Number(default=50.0, bounds=(0.1, 10000.0), doc="TPOT target (ms)")
     model = param.Selector(default="cpu-8m", objects=list(LAB_MODELS), doc="Model preset")
+    requests = param.Integer(default=8, bounds=(1, 256), doc="Requests in the workload")
+    rate = param.Number(default=0.0, bounds=(0.0, 64.0),
+                        doc="Arrivals per second (Poisson, seeded); 0 sends every request at once")
+    mix = param.Selector(default="fixed", objects=["fixed", "mixed"],
+                         doc="Fixed lengths, or lognormal lengths around context and output")
+    kv_mb = param.Integer(default=32, bounds=(1, 256),
+                          doc="Memory the KV cache may use (MB); the server's cap still applies")
+    policy = param.Selector(default="continuous", objects=["continuous", "static"],
+                            doc="Continuous (iteration-level) or static (request-level) batching")
+    chunk = param.Integer(default=512, bounds=(16, 4096),
+                          doc="Prefill tokens per step (max_num_batched_tokens)")
 
     status = param.Selector(default="idle",
                             objects=["idle", "queued", "running", "done", "refused", "failed"],
@@ -31,10 +47,13 @@ class LabState(param.Parameterized):
     queue_position = param.Integer(default=0, bounds=(0, None), doc="Jobs ahead of ours")
     steps_done = param.Integer(default=0, bounds=(0, None), doc="Steps streamed so far")
 
-    CONTROLS = ("batch", "context", "page", "output", "ttft_slo", "tpot_slo", "model")
+    # Every control, declared once here; the RunKey fields are the ones that shape a run.
+    RUN_CONTROLS = tuple(f.name for f in fields(RunKey) if f.name != "repeat")
+    CONTROLS = (*RUN_CONTROLS, "ttft_slo", "tpot_slo")
+    CHOICES = ("model", "mix", "policy")  # controls that take a name, not a number
 
-    def key(self) -> RunKey:
-        return RunKey(self.model, self.batch, self.context, self.page, self.output)
+    def key(self, repeat: int = 0) -> RunKey:
+        return RunKey(**{name: getattr(self, name) for name in self.RUN_CONTROLS}, repeat=repeat)
 
     def slo(self) -> SLO:
         return SLO(ttft_ms=self.ttft_slo, tpot_ms=self.tpot_slo)
@@ -52,11 +71,12 @@ class LabState(param.Parameterized):
             if name not in self.CONTROLS:
                 continue
             p = self.param[name]
-            if name == "model":
+            if name in self.CHOICES:
                 if raw in p.objects:
                     clean[name] = raw
                 else:
-                    notes.append(f"model {raw!r} is not offered here; kept {self.model}")
+                    notes.append(f"{name} {str(raw)[:40]!r} is not offered here; kept "
+                                 f"{getattr(self, name)}")
                 continue
             try:
                 number = float(raw)

@@ -17,6 +17,7 @@ from engine.workload import WorkloadSpec
 from lab.after import after_first_pass, demo_state_text
 from lab.content import AFTER_PANELS, load_content, to_plain
 from lab.prediction import (Verdict, attach_prediction_gate, direction, grade, metric_value,
+                            setting_number, spread,
                             pick_control, relative_change)
 from lab.runs import RunKey
 from lab.state import LabState
@@ -93,6 +94,33 @@ def test_raising_and_lowering_over_the_same_runs_mirror(content, low, high):
     assert down.agreed is up.agreed
 
 
+def test_a_change_inside_the_measured_spread_is_flat(content):
+    # 15% up: a little against the fixed 10% band, flat when runs of these settings vary by 20%;
+    # 8% up is flat against the fixed band but real when the runs agree within 5%.
+    assert grade("batch", 8, 16, 10.0, 11.5, "tpot_flat", content).observed_direction == \
+        "up_little"
+    graded = grade("batch", 8, 16, 10.0, 11.5, "tpot_flat", content, noise=0.2)
+    assert graded.observed_direction == "flat" and graded.agreed
+    assert graded.numbers["noise"] == 0.2
+    assert grade("batch", 8, 16, 10.0, 10.8, "tpot_flat", content,
+                 noise=0.05).observed_direction == "up_little"
+    assert spread([10.0, 12.0, 11.0]) == pytest.approx(2 / 11) and spread([3.0]) is None
+
+
+def test_named_controls_and_a_zero_rate_have_a_raising_direction(content):
+    assert setting_number("policy", "static") > setting_number("policy", "continuous")
+    assert setting_number("rate", 0) > setting_number("rate", 64)  # all at once is the most load
+    base = {"model": "cpu-8m", "batch": 8, "context": 128, "page": 16, "output": 64,
+            "requests": 8, "rate": 0.0, "mix": "fixed", "kv_mb": 32, "policy": "continuous",
+            "chunk": 512}
+    assert pick_control(base, {**base, "policy": "static"}) == ("policy", ())
+    assert pick_control(base, {**base, "rate": 8.0, "batch": 16}) == ("rate", ("batch",))
+    up = grade("policy", "continuous", "static", 100.0, 300.0, "policy_up_lot", content)
+    down = grade("policy", "static", "continuous", 300.0, 100.0, "policy_up_lot", content)
+    assert up.agreed and down.agreed and down.numbers["lowered"] and not up.numbers["lowered"]
+    assert grade("rate", 8.0, 0.0, 50.0, 500.0, "rate_up_lot", content).agreed  # raising
+
+
 def test_zero_baseline(content):
     assert relative_change(0, 3) == math.inf and relative_change(0, 0) == 0.0
     assert grade("page", 1, 16, 0, 40, "waste_up_lot", content).observed_direction == "up_lot"
@@ -117,7 +145,8 @@ def test_metric_values_read_the_summary(trace):
 
 
 def test_pick_control_takes_the_largest_move():
-    base = {"batch": 8, "context": 128, "page": 16, "output": 64, "model": "cpu-8m"}
+    base = {**LabState().values(), "batch": 8, "context": 128, "page": 16, "output": 64,
+            "model": "cpu-8m"}
     assert pick_control(base, dict(base)) is None
     assert pick_control(base, {**base, "model": "cpu-30m", "batch": 16}) is None
     assert pick_control(base, {**base, "batch": 2, "context": 2048, "output": 32}) == (
@@ -133,10 +162,12 @@ class FakeDemo:
         self.listeners: list = []
         self.shown_key = None
 
+    def repeats(self, key) -> list:
+        return []  # no repeats measured: the gate falls back to its fixed band
+
     def finish(self, summary, trace=None) -> object:
         """A run for the current settings finished and was drawn."""
-        s = self.state
-        self.shown_key = RunKey(s.model, s.batch, s.context, s.page, s.output)
+        self.shown_key = self.state.key()
         trace = trace or object()
         for listener in self.listeners:
             listener(trace, summary)
@@ -271,12 +302,12 @@ def test_research_prompt_carries_the_key_and_the_demo_state(content):
     room.draft.question = "Why is decode memory-bound here?"
     room.draft.next_action = "Rerun with batch 32"
     assert "concept:llm-systems/llm-serving" in room.prompt
-    assert "batch=8 context=128 page=16 output=64 ttft_slo=500 tpot_slo=50 model=cpu-8m" \
-        in room.prompt
+    assert ("model=cpu-8m batch=8 context=128 page=16 output=64 requests=8 rate=0 mix=fixed "
+            "kv_mb=32 policy=continuous chunk=512 ttft_slo=500 tpot_slo=50") in room.prompt
     assert "Why is decode memory-bound here?" in room.prompt and "Rerun with batch 32" in room.prompt
     state.batch = 32
     room.kind = "demo state"
-    assert room.object_label.startswith("demo:batch=32,context=128")
+    assert room.object_label.startswith("demo:model=cpu-8m,batch=32,context=128")
     assert "Kind of object: demo state" in room.prompt
     assert room.draft.storage_key == "serving-lab:research:concept:llm-systems/llm-serving"
     filled = fill_prompt(content.research, "concept", "x", "", "", "batch=1")

@@ -43,11 +43,17 @@ def test_content_is_read_only(content):
 
 
 def test_presets_lie_in_slider_ranges(content):
-    assert 3 <= len(content.presets) <= 5
+    from lab.state import LabState
+
+    assert 3 <= len(content.presets) <= 8
     for preset in content.presets:
         values = preset["values"]
         for name, (low, high) in SLIDER_RANGES.items():
             assert low <= values[name] <= high, (preset["id"], name)
+        # every control set, each to a value the sliders offer: a preset always gives one run
+        assert set(values) == set(LabState.CONTROLS) - {"model"}, preset["id"]
+        state = LabState()
+        assert state.apply(dict(values)) == [], preset["id"]
         assert values["ttft_slo"] > 0 and values["tpot_slo"] > 0
         # Small enough for a 2-core CPU: one long-context preset may trade batch for context.
         assert values["batch"] * values["context"] <= 8192 or (
@@ -202,3 +208,10 @@ def test_big_pages_text_matches_a_measured_run(content):
     assert f"{first} slots short of full once the prompt is in" in text
     assert f"still {last} short when the last reply token" in text
     assert f"at most {round(100 * first / v['page'])}%" in text and "most of that page" not in text
+
+
+def test_prediction_controls_are_the_run_shaping_controls():
+    from lab.content import CONTROLS
+    from lab.state import LabState
+
+    assert set(CONTROLS) == set(LabState.RUN_CONTROLS) - {"model"}

@@ -57,7 +57,7 @@ def test_a_small_run_is_allowed():
 @pytest.fixture(scope="module")
 def controller():
     service = EngineService()
-    demo = DemoController(LabState(batch=2, context=32, output=6, page=16), service,
+    demo = DemoController(LabState(batch=2, requests=2, context=32, output=6, page=16), service,
                           ModelShelf("cpu"), Limits(device="cpu"))
     yield demo
     service.stop()
@@ -148,6 +148,7 @@ def test_live_updates_during_a_run_are_rate_limited(controller, monkeypatch):
     drawn = []
     monkeypatch.setattr(controller.timeline, "add_steps", lambda steps, info: drawn.extend(steps))
     monkeypatch.setattr(controller.kv_memory, "add_steps", lambda steps, info: None)
+    monkeypatch.setattr(controller.queue, "add_steps", lambda steps, info: None)
     controller._flush_scheduled, controller._last_flush = False, 0.0
     controller.state.status = "running"
     run = controller._run_id

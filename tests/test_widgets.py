@@ -29,6 +29,7 @@ from widgets.summary_table import CORE_ROWS, DASH, SummaryTable, summary_values
 from widgets.timeline_plot import TimelinePlot
 from widgets.tpot_batch_plot import TPOTBatchPlot
 from widgets.queue_plot import QueuePlot
+from widgets.policy_compare import PolicyComparison
 from widgets.goodput_rate_plot import GoodputRatePlot
 
 PLOTS = (LatencyPlot, TimelinePlot, KVMemoryPlot, PageMap, TPOTBatchPlot, QueuePlot,
@@ -273,15 +274,19 @@ def test_page_grid_caps_cells_and_sizes_overlays():
 def test_tpot_batch_sweep_and_current_point(run):
     trace, summary, slo, _ = run
     c = TPOTBatchPlot()
-    c.show_sweep([(2, 2.5), (1, 2.0)], [(1, 0.5), (2, 0.6), (4, 0.8)], 2, pending=True)
+    floors = [(1, 0.5, 0.1), (2, 0.6, 0.2), (4, 0.7, 0.8)]  # compute overtakes memory at 4
+    c.show_sweep([(2, 2.5), (1, 2.0)], floors, 2, pending=True, ridge=3.4)
     assert c.measured.data["batch"] == [1, 2] and len(c.floor.data["batch"]) == 3
+    assert c.floor.data["floor_ms"] == [0.5, 0.6, 0.8]  # the higher of the two floors
     assert c.current.data == {"batch": [2], "tpot_ms": [2.5]}
     assert "still running" in c.fig.title.text and "batch 1: 2.00 ms (floor 0.500 ms" in c.text
-    c.show_sweep([(1, 2.0), (2, 2.5), (4, 3.0)], [(1, 0.5), (2, 0.6), (4, 0.8)], 2, False)
-    assert "still" not in c.text and "batch 4: 3.00 ms" in c.text
-    c.show(trace, summary, slo)
-    assert c.current.data["tpot_ms"] == [summary.tpot_ms.p50]
-    assert f"Current batch 2: TPOT {fmt_num(summary.tpot_ms.p50)} ms" in c.text
+    assert c.ridge_span.visible and c.ridge_span.location == 3.4 and "cross" in c.text
+    c.show_sweep([(1, 2.0), (2, 2.5), (4, 3.0)], floors, 2, False)
+    assert "still" not in c.text and "batch 4: 3.00 ms (floor 0.800 ms" in c.text
+    assert not c.ridge_span.visible
+    c.show(trace, summary, slo)  # the highlight is the sweep's own point: the same workload
+    assert c.current.data["tpot_ms"] == [2.5]
+    assert "Current batch 2: TPOT 2.50 ms" in c.text
 
 
 def test_summary_table_rows(run):
@@ -322,8 +327,9 @@ def test_redraws_change_ticks_in_place_instead_of_new_tickers(run):
     trace, summary, slo, _ = run
     tpot = TPOTBatchPlot()
     ticker = tpot.fig.xaxis[0].ticker
-    tpot.show_sweep([(1, 2.0)], [(1, 0.5), (2, 0.6)], 1, pending=True)
-    tpot.show_sweep([(1, 2.0), (4, 3.0)], [(1, 0.5), (2, 0.6), (4, 0.8)], 1, pending=False)
+    tpot.show_sweep([(1, 2.0)], [(1, 0.5, 0.1), (2, 0.6, 0.2)], 1, pending=True)
+    tpot.show_sweep([(1, 2.0), (4, 3.0)], [(1, 0.5, 0.1), (2, 0.6, 0.2), (4, 0.8, 0.4)], 1,
+                    pending=False)
     assert tpot.fig.xaxis[0].ticker is ticker and list(ticker.ticks) == [1, 2, 4]
     pages = PageMap()
     row_ticker = pages.fig.yaxis[0].ticker
@@ -332,3 +338,25 @@ def test_redraws_change_ticks_in_place_instead_of_new_tickers(run):
     pages.show(trace, summary, slo)
     assert pages.fig.yaxis[0].ticker is row_ticker and list(row_ticker.ticks) == rows
     assert rows and rows[0] == 0.5
+
+
+def test_policy_comparison_table_and_idle_slots(run):
+    trace, summary, slo, _ = run
+    c = PolicyComparison()
+    pn.panel(c.__panel__()).get_root(Document())
+    c.show("continuous", trace, slo, pending="static")
+    assert "measuring…" in c.table.object and "Measuring the other policy" in c.text
+    c.show("static", trace, slo)
+    cells = c.table.object
+    for row in ("Goodput (req/s)", "TTFT p90 (ms)", "TPOT p90 (ms)", "Throughput (tok/s)",
+                "Duration (s)"):
+        assert row in cells
+    assert ">Static<" in cells and ">Continuous<" in cells and "measuring" not in cells
+    cap = trace.config["max_num_seqs"]
+    occ = c.sources["static"].data
+    assert all(r + i == cap or r > cap for r, i in zip(occ["running"], occ["idle"]))
+    assert "Idle batch slots" in c.text
+    c.rejudge(SLO(ttft_ms=1e-3, tpot_ms=1e-3))  # nobody meets these: goodput drops to zero
+    assert c.value("Goodput (req/s)", "static") == 0.0
+    c.reset()
+    assert c.values == {} and c.sources["static"].data["t"] == []

@@ -14,7 +14,7 @@ from typing import Any
 import panel as pn
 import param
 
-from widgets.style import fmt_num
+from widgets.style import fmt_num, fmt_value
 
 CSS = """
 .gate-box {border-left: 4px solid var(--gate-accent, #E69F00); padding: 6px 14px; margin: 4px 0;}
@@ -49,12 +49,17 @@ def numbers_html(numbers: Mapping[str, Any]) -> str:
     """The measured before/after numbers of a round as a small table."""
     n = numbers
     rows = [
-        (html.escape(str(n["control"])), f"{fmt_num(n['before_value'])} → {fmt_num(n['after_value'])}"),
+        (html.escape(str(n["control"])),
+         html.escape(f"{fmt_value(n['before_value'])} → {fmt_value(n['after_value'])}")),
         (html.escape(n["metric_label"]),
          f"{fmt_num(n['before'])} → {fmt_num(n['after'])} ({_pct(n['change'])})"),
     ]
     if n["lowered"]:
         rows.append(("graded as the reverse move", _pct(n["graded_change"])))
+    noise = n.get("noise")
+    rows.append(("counted as flat within",
+                 f"±{fmt_num(100 * noise)}% (this setting's run-to-run spread)" if noise is not None
+                 else "±10% (a fixed band: the repeats of these settings are still being measured)"))
     body = "".join(f'<tr><th scope="row">{k}</th><td>{v}</td></tr>' for k, v in rows)
     return f'<table class="gate-numbers"><tbody>{body}</tbody></table>'
 
@@ -99,15 +104,18 @@ class PredictionGate(pn.viewable.Viewer):
     def __panel__(self) -> pn.Column:
         return self._layout
 
-    def ask(self, spec: Mapping[str, Any], before_value: float, after_value: float,
-            others: tuple[str, ...] = (), keep_choice: bool = False) -> None:
-        """Open a question for one control (a predictions.yaml entry); hide the results."""
+    def ask(self, spec: Mapping[str, Any], before_value: Any, after_value: Any,
+            others: tuple[str, ...] = (), keep_choice: bool = False,
+            lowered: bool | None = None) -> None:
+        """Open a question for one control (a predictions.yaml entry); hide the results.
+        `lowered` says the move goes against the question's direction (by default: a smaller
+        number)."""
         m = self.messages
         control = spec["control"]
         notes = []
-        if after_value < before_value:
-            notes.append(m["lowered"].format(control=control, before=fmt_num(before_value),
-                                             after=fmt_num(after_value)))
+        if lowered if lowered is not None else after_value < before_value:
+            notes.append(m["lowered"].format(control=control, before=fmt_value(before_value),
+                                             after=fmt_value(after_value)))
         if others:
             notes.append(m["several"].format(controls=", ".join((control, *others)),
                                              control=control))

@@ -24,9 +24,11 @@ KINDS = ["prefill chunk", "decode"]
 COLUMNS = ("row", "tokens", "kind", "context_len", "label")
 EVENT_TEXT = {
     "joined": "request {r} joined the batch",
-    "rejoined": "request {r} came back after its eviction",
+    "rejoined": "request {r} came back after its eviction: it recomputes the {n} tokens it had "
+                "cached (prompt and output so far) as prefill",
     "finished": "request {r} finished and left the batch",
-    "preempted": "request {r} was evicted to free KV pages; it will recompute later",
+    "preempted": "request {r} was evicted to free KV pages: its cache is dropped, and {n} tokens "
+                 "will have to be computed again",
 }
 CSS = """
 .sb-counts {display: grid; grid-template-columns: repeat(auto-fill, minmax(130px, 1fr));
@@ -49,16 +51,18 @@ class Event:
 
     kind: str  # joined, rejoined, finished or preempted
     request_id: int
+    tokens: int = 0  # evicted: cached tokens dropped; rejoined: tokens it must compute again
 
     def text(self) -> str:
-        return EVENT_TEXT[self.kind].format(r=self.request_id)
+        return EVENT_TEXT[self.kind].format(r=self.request_id, n=self.tokens)
 
 
 def step_events(trace: Trace) -> list[list[Event]]:
     """Per step, in order: requests seen for the first time (joined), back after an eviction
     (rejoined), finished this step, or evicted this step."""
     seen: set[int] = set()
-    evicted: set[int] = set()
+    evicted: dict[int, int] = {}  # request id -> cached tokens it lost
+    cached: dict[int, int] = {}  # request id -> tokens in its KV pages after its last step
     out: list[list[Event]] = []
     for step in trace.steps:
         events = []
@@ -68,11 +72,17 @@ def step_events(trace: Trace) -> list[list[Event]]:
                 seen.add(rid)
                 events.append(Event("joined", rid))
             elif rid in evicted:
-                evicted.discard(rid)
-                events.append(Event("rejoined", rid))
+                events.append(Event("rejoined", rid, evicted.pop(rid)))
         events += [Event("finished", r) for r in step.finished]
-        events += [Event("preempted", r) for r in step.preempted]
-        evicted.update(step.preempted)
+        for rid in step.preempted:
+            # evicted before its token of this step was cached: it loses what it held, plus the
+            # token sampled at its last step, which the recompute must also cover
+            lost = cached.pop(rid, 0) + 1
+            events.append(Event("preempted", rid, lost))
+            evicted[rid] = lost
+        for item in step.scheduled:
+            if item.request_id not in step.preempted:
+                cached[item.request_id] = item.context_len
         out.append(events)
     return out
 
@@ -134,11 +144,14 @@ class Storyboard(pn.viewable.Viewer):
         self.forward_button = pn.widgets.Button(label="Step forward ▶", width=130,
                                                 css_classes=["storyboard-forward"])
         self.peak_button = pn.widgets.Button(label="Jump to peak memory", width=170)
+        self.eviction_button = pn.widgets.Button(label="Next eviction", width=130,
+                                                 css_classes=["storyboard-eviction"])
         self.slider = pn.widgets.IntSlider(label="Engine step", start=0, end=1, value=0,
                                            disabled=True, sizing_mode="stretch_width")
         self.back_button.on_click(lambda _e: self.step_by(-1))
         self.forward_button.on_click(lambda _e: self.step_by(1))
         self.peak_button.on_click(lambda _e: self.jump_to_peak())
+        self.eviction_button.on_click(lambda _e: self.jump_to_eviction())
         self.slider.param.watch(lambda e: setattr(self, "position", e.new), "value")
         self.counts = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width")
         self.event_list = pn.pane.HTML("", stylesheets=[CSS], sizing_mode="stretch_width",
@@ -148,7 +161,7 @@ class Storyboard(pn.viewable.Viewer):
         self._set_enabled(False)
         self._layout = pn.Column(
             pn.Row(self.play_button, self.back_button, self.forward_button, self.peak_button,
-                   self.counter, sizing_mode="stretch_width", css_classes=["storyboard-controls"]),
+                   self.eviction_button, self.counter, sizing_mode="stretch_width", css_classes=["storyboard-controls"]),
             self.slider, self.fig, self.counts, self.event_list, self.text_pane,
             sizing_mode="stretch_width", css_classes=["storyboard"], name="storyboard")
 
@@ -180,6 +193,15 @@ class Storyboard(pn.viewable.Viewer):
         if self.trace is not None and self.trace.steps:
             steps = self.trace.steps
             self.position = max(range(len(steps)), key=lambda i: steps[i].kv_blocks_used)
+
+    def jump_to_eviction(self) -> None:
+        """Go to the next step that evicted a sequence (from the start again after the last)."""
+        if self.trace is None:
+            return
+        evicting = [i for i, s in enumerate(self.trace.steps) if s.preempted]
+        later = [i for i in evicting if i > self.position]
+        if evicting:
+            self.position = (later or evicting)[0]
 
     def advance(self) -> None:
         """One tick of play: the next step, or stop at the end."""
@@ -244,3 +266,4 @@ class Storyboard(pn.viewable.Viewer):
     def _set_enabled(self, on: bool) -> None:
         for w in (self.play_button, self.back_button, self.forward_button, self.peak_button):
             w.disabled = not on
+        self.eviction_button.disabled = not (on and any(s.preempted for s in self.trace.steps))

@@ -112,6 +112,11 @@ def fmt_num(x: float | int, sig: int = 3) -> str:
     return f"{x:.{decimals}f}"
 
 
+def fmt_value(x: Any) -> str:
+    """A control's value as the page shows it: numbers by `fmt_num`, option names as they are."""
+    return fmt_num(x) if isinstance(x, (int, float)) else str(x)
+
+
 def fmt_bytes(n: float) -> str:
     """Decimal megabytes below 1 GB, gigabytes from there, with three significant digits."""
     return f"{fmt_num(n / 1e9)} GB" if n >= 1e9 else f"{fmt_num(n / 1e6)} MB"

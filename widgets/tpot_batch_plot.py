@@ -1,24 +1,27 @@
-"""Measured TPOT against batch size, over the device's roofline floor, with this run highlighted.
+"""Measured TPOT against batch size, over the device's whole roofline, with the current batch marked.
 
-The points come from a background sweep that fills in while the learner reads; the dashed floor is
-`decode_tpot_floor_s` from the device's measured bandwidth. The gap between the two is overhead; the
-slope is what each extra sequence in the batch costs per output token.
+The points come from a background sweep that fills in while the learner reads: at each batch size,
+that many requests of the current context and output, all at once. Two dashed floors bound a decode
+step from below: memory, (weights + KV read) / measured bandwidth, nearly flat in the batch; and
+compute, 2 x params x batch / measured FLOP/s, rising with it. The ridge is the batch where they
+cross: below it an extra sequence is almost free, above it every sequence costs its arithmetic.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import panel as pn
-from bokeh.models import ColumnDataSource, FixedTicker
+from bokeh.models import ColumnDataSource, FixedTicker, Span
 
 from engine.config import SLO
 from engine.metrics import Summary
 from engine.records import Trace
 from widgets.base import PlotComponent
-from widgets.style import (MET, MISSED, TARGET, add_hover, empty, fmt_ms, fmt_num, legend_below,
-                           make_figure)
+from widgets.style import (MET, MISSED, NEUTRAL, TARGET, add_hover, empty, fmt_ms, fmt_num,
+                           legend_below, make_figure)
 
 COLUMNS = ("batch", "tpot_ms")
+FLOOR_COLUMNS = ("batch", "memory_ms", "compute_ms", "floor_ms")
 TITLE = "TPOT vs batch size"
 
 
@@ -30,20 +33,25 @@ class TPOTBatchPlot(PlotComponent):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.measured = ColumnDataSource(data=empty(COLUMNS))
-        self.floor = ColumnDataSource(data=empty(COLUMNS))
+        self.floor = ColumnDataSource(data=empty(FLOOR_COLUMNS))
         self.current = ColumnDataSource(data=empty(COLUMNS))
         self._points: list[tuple[int, float]] = []
-        self._floor: list[tuple[int, float]] = []
+        self._floor: list[tuple[int, float, float]] = []  # (batch, memory ms, compute ms)
         self._current_batch: int | None = None
         self._pending = False
-        self._run_tpot_ms: float | None = None  # this run's TPOT p50, once it has finished
-        self.fig = make_figure(TITLE, "batch size (sequences decoding together)", "TPOT (ms)",
-                               height=280)
+        self._ridge: float | None = None
+        self.fig = make_figure(TITLE, "batch size (sequences decoding together, log scale)",
+                               "TPOT (ms)", height=300, x_axis_type="log")
         self.fig.y_range.start = 0
         self._batch_ticks = FixedTicker(ticks=[])  # one model for good; see _redraw
         self.fig.xaxis.ticker = self._batch_ticks
-        self.fig.line("batch", "tpot_ms", source=self.floor, color=TARGET, line_dash="dashed",
-                      line_width=2, legend_label="roofline floor (measured bandwidth)")
+        self.fig.line("batch", "memory_ms", source=self.floor, color=TARGET, line_dash="dashed",
+                      line_width=2, legend_label="memory floor (measured bandwidth)")
+        self.fig.line("batch", "compute_ms", source=self.floor, color=NEUTRAL, line_dash="dashed",
+                      line_width=2, legend_label="compute floor (measured FLOP/s)")
+        self.ridge_span = Span(dimension="height", location=1, line_color=NEUTRAL,
+                               line_dash="dotted", line_width=2, visible=False)
+        self.fig.add_layout(self.ridge_span)
         self.fig.line("batch", "tpot_ms", source=self.measured, color=MET, line_width=2,
                       legend_label="measured TPOT")
         dots = self.fig.scatter("batch", "tpot_ms", source=self.measured, color=MET, size=7,
@@ -54,44 +62,49 @@ class TPOTBatchPlot(PlotComponent):
         add_hover(self.fig, [dots], [("batch", "@batch"), ("TPOT", "@tpot_ms{0.000} ms")])
         add_hover(self.fig, [here], [("current batch", "@batch"),
                                      ("TPOT", "@tpot_ms{0.000} ms")])
-        legend_below(self.fig, ncols=3)
+        legend_below(self.fig, ncols=2)
 
     def _body(self) -> pn.pane.Bokeh:
         return pn.pane.Bokeh(self.fig, sizing_mode="stretch_width")
 
     def reset(self) -> None:
         """Clear for a new run (the sweep starts over too)."""
-        for source in (self.measured, self.floor, self.current):
+        for source in (self.measured, self.current):
             source.data = empty(COLUMNS)
+        self.floor.data = empty(FLOOR_COLUMNS)
         self._points, self._floor, self._current_batch, self._pending = [], [], None, False
-        self._run_tpot_ms = None
+        self._ridge = None
+        self.ridge_span.visible = False
         self.fig.title.text = TITLE
         super().reset()
 
-    def show_sweep(self, points: list[tuple[int, float]], floor_ms: list[tuple[int, float]],
-                   current_batch: int, pending: bool) -> None:
-        """Draw the sweep so far: measured (batch, TPOT ms), floor (batch, ms), current batch."""
-        self._points, self._floor = sorted(points), sorted(floor_ms)
-        self._current_batch, self._pending = current_batch, pending
+    def show_sweep(self, points: list[tuple[int, float]],
+                   floors: list[tuple[int, float, float]], current_batch: int, pending: bool,
+                   ridge: float | None = None) -> None:
+        """Draw the sweep so far: measured (batch, TPOT ms), floors (batch, memory ms, compute
+        ms), the current batch, and the ridge batch where the floors cross (None: off the axis)."""
+        self._points, self._floor = sorted(points), sorted(floors)
+        self._current_batch, self._pending, self._ridge = current_batch, pending, ridge
         self.measured.data = _columns(self._points)
-        self.floor.data = _columns(self._floor)
+        self.floor.data = {"batch": [b for b, _, _ in self._floor],
+                           "memory_ms": [m for _, m, _ in self._floor],
+                           "compute_ms": [c for _, _, c in self._floor],
+                           "floor_ms": [max(m, c) for _, m, c in self._floor]}
+        self.ridge_span.visible = ridge is not None
+        if ridge is not None:
+            self.ridge_span.location = ridge
         self._redraw()
 
     def show(self, trace: Trace, summary: Summary, slo: SLO) -> None:
-        """Highlight this run's median TPOT at its batch size."""
+        """Mark the run's batch; the highlighted point is the sweep's own (same workload)."""
         if self._current_batch is None:
             self._current_batch = int(trace.config.get("max_num_seqs", 1))
-        self._run_tpot_ms = summary.tpot_ms.p50
         self._redraw()
 
     def _redraw(self) -> None:
         """Highlighted point, ticks, title and text after any change."""
-        here = [p for p in self._points if p[0] == self._current_batch]
-        if self._run_tpot_ms is not None:  # this run's own median beats the sweep's point
-            here = [(self._current_batch, self._run_tpot_ms)]
-        self.current.data = _columns(here)
-        batches = sorted({b for b, _ in self._points + self._floor}
-                         | set(self.current.data["batch"]))
+        self.current.data = _columns([p for p in self._points if p[0] == self._current_batch])
+        batches = sorted({b for b, _ in self._points} | {b for b, _, _ in self._floor})
         # Changing the one ticker's ticks (and only when they differ) sends a property; a new
         # FixedTicker per redraw was about 40% of a cached slider move's server time.
         if batches and self._batch_ticks.ticks != batches:
@@ -101,7 +114,7 @@ class TPOTBatchPlot(PlotComponent):
 
     def _describe(self) -> str:
         """The text equivalent: every measured point, its floor, and the current batch."""
-        floor = dict(self._floor)
+        floor = {b: max(m, c) for b, m, c in self._floor}
         if not self._points and not self.current.data["batch"]:
             return "The batch-size sweep has not started yet."
         parts = []
@@ -116,6 +129,9 @@ class TPOTBatchPlot(PlotComponent):
             text += f" Current batch {b}: TPOT {fmt_ms(t)}"
             text += f", {fmt_num(t / floor[b])}× its floor of {fmt_ms(floor[b])}." if floor.get(
                 b) else "."
+        if self._ridge is not None:
+            text += (f" The floors cross at a batch of about {fmt_num(self._ridge)}: below it "
+                     "the weights' bytes set the floor, above it the arithmetic does.")
         if self._pending:
             text += " The sweep is still filling in."
         return text
