@@ -21,7 +21,7 @@ from engine.llm_engine import LLMEngine
 from engine.metrics import Summary, summarize
 from engine.records import StepRecord, Trace
 from engine.server.cli import add_commands
-from engine.workload import WorkloadSpec
+from engine.workload import MIXES, WorkloadSpec
 
 SUMMARY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "goodput_rps", "slo_attainment",
                 "throughput_tok_s", "kv_bytes_peak", "kv_bytes_capacity", "waste_tokens_peak",
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--requests", type=positive_int, help="number of requests (default: --batch)")
     run.add_argument("--rate", type=finite_float, help="arrival rate in requests/s (default: all at t=0)")
     run.add_argument("--burstiness", type=finite_float, default=1.0, help="gamma shape; 1 is Poisson")
+    run.add_argument("--mix", choices=MIXES, default="fixed",
+                     help="lengths: fixed, or lognormal around --context and --output as means")
     run.add_argument("--ttft-slo", type=finite_float, help="TTFT SLO in ms for goodput")
     run.add_argument("--tpot-slo", type=finite_float, help="TPOT SLO in ms for goodput")
     run.add_argument("--kv-budget-mb", type=finite_float, help="KV cache size in MiB (default: device)")
@@ -91,7 +93,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, WorkloadSpec, SLO]:
                           cuda_graphs=not args.no_cuda_graphs)
     workload = WorkloadSpec(num_requests=args.requests or args.batch, prompt_len=args.context,
                             output_len=args.output, rate=args.rate, burstiness=args.burstiness,
-                            seed=args.seed)
+                            mix=args.mix, seed=args.seed)
     return engine, workload, SLO(ttft_ms=args.ttft_slo, tpot_ms=args.tpot_slo)
 
 

@@ -77,6 +77,16 @@ def test_json_report_in_process(capsys) -> None:
     assert "Traceback" not in err
 
 
+def test_mix_draws_long_tailed_lengths(capsys) -> None:
+    base = SMALL + ["--batch", "4", "--requests", "12", "--context", "12", "--output", "3",
+                    "--json"]
+    assert cli.main(base) == 0
+    fixed = {len(r["prompt_ids"]) for r in _strict_json(capsys.readouterr().out)["requests"]}
+    assert cli.main(base + ["--mix", "lognormal"]) == 0
+    mixed = [len(r["prompt_ids"]) for r in _strict_json(capsys.readouterr().out)["requests"]]
+    assert fixed == {12} and len(set(mixed)) > 3 and max(mixed) <= 48
+
+
 def test_slo_flags_reach_the_summary(capsys) -> None:
     base = SMALL + ["--batch", "2", "--context", "6", "--output", "3", "--json"]
     assert cli.main(base + ["--ttft-slo", "1e-6"]) == 0

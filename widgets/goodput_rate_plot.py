@@ -69,7 +69,7 @@ class GoodputRatePlot(PlotComponent):
         self.fig.add_layout(LinearAxis(y_range_name="share", axis_label="SLO attainment (%)"),
                             "right")
         line = self.fig.line("rate", "goodput", source=self.source, color=MET, line_width=2,
-                             legend_label="goodput")
+                             legend_label="goodput", name="goodput")
         dots = self.fig.scatter("rate", "goodput", source=self.source, color=MET, size=7,
                                 legend_label="goodput")
         self.fig.line("rate", "attainment", source=self.source, color=MISSED, line_width=2,
@@ -80,7 +80,7 @@ class GoodputRatePlot(PlotComponent):
                            y_range_name="share", line_color=MISSED, line_dash="dotted",
                            line_alpha=0.6)
         self.knee_span = Span(dimension="height", location=1, line_color=TARGET, line_width=3,
-                              line_alpha=0.7, visible=False)
+                              line_alpha=0.7, visible=False, name="knee")
         self.fig.add_layout(self.target)
         self.fig.add_layout(self.knee_span)
         add_hover(self.fig, [dots, line], [("rate", "@rate{0.00} req/s"),

@@ -46,11 +46,13 @@ class TPOTBatchPlot(PlotComponent):
         self._batch_ticks = FixedTicker(ticks=[])  # one model for good; see _redraw
         self.fig.xaxis.ticker = self._batch_ticks
         self.fig.line("batch", "memory_ms", source=self.floor, color=TARGET, line_dash="dashed",
-                      line_width=2, legend_label="memory floor (measured bandwidth)")
+                      line_width=2, legend_label="memory floor (measured bandwidth)",
+                      name="memory-floor")
         self.fig.line("batch", "compute_ms", source=self.floor, color=NEUTRAL, line_dash="dashed",
-                      line_width=2, legend_label="compute floor (measured FLOP/s)")
+                      line_width=2, legend_label="compute floor (measured FLOP/s)",
+                      name="compute-floor")
         self.ridge_span = Span(dimension="height", location=1, line_color=NEUTRAL,
-                               line_dash="dotted", line_width=2, visible=False)
+                               line_dash="dotted", line_width=2, visible=False, name="ridge")
         self.fig.add_layout(self.ridge_span)
         self.fig.line("batch", "tpot_ms", source=self.measured, color=MET, line_width=2,
                       legend_label="measured TPOT")

@@ -83,6 +83,11 @@ def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None
             proc.kill()
 
 
+def slider(scope, label: str):
+    """The handle of the slider whose title starts with `label` (a page or an iframe's frame)."""
+    return scope.locator(".bk-input-group", has_text=label).locator(".noUi-handle")
+
+
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args):
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}

@@ -7,9 +7,10 @@ import re
 
 import pytest
 from playwright.sync_api import Page, expect
+from tests.browser.conftest import slider
 
 pytestmark = pytest.mark.browser
-SETTINGS = "?batch=4&context=64&output=16&page=16"  # a run of a second or two on a CPU
+SETTINGS = "?batch=4&requests=4&context=64&output=16&page=16"  # a run of a second or two on a CPU
 DRAFT_KEY = "serving-lab:research:concept:llm-systems/llm-serving"
 
 
@@ -28,7 +29,7 @@ def test_gate_hides_the_result_until_a_prediction_is_committed(loaded: Page):
     page = loaded
     table = page.locator("table.summary-table")
     expect(table).to_be_visible()  # the first run needs no prediction
-    handle = page.locator(".noUi-handle").first  # batch size
+    handle = slider(page, "Batch size")
     handle.focus()
     handle.press("ArrowRight")
     expect(page.locator(".gate-ask")).to_contain_text("batch size", timeout=60_000)
@@ -49,7 +50,7 @@ def test_gate_hides_the_result_until_a_prediction_is_committed(loaded: Page):
 
 def test_skip_reveals_without_a_verdict(loaded: Page):
     page = loaded
-    handle = page.locator(".noUi-handle").nth(3)  # output tokens
+    handle = slider(page, "Output tokens")
     handle.focus()
     handle.press("ArrowLeft")
     expect(page.locator(".gate-placeholder")).to_be_visible(timeout=60_000)

@@ -14,7 +14,7 @@ from tests.browser.conftest import lab_server
 
 pytestmark = pytest.mark.browser
 TOKEN = "t-" + secrets.token_urlsafe(16)
-CHEAP = "batch=1&context=16&page=16&output=2"  # each run takes well under a second
+CHEAP = "batch=1&requests=1&context=16&page=16&output=2"  # each run takes well under a second
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,12 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.browser.conftest import ARTIFACTS
+from tests.browser.conftest import slider as slider_handle
 
 pytestmark = pytest.mark.browser
 LOCAL = ("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:", "about:")
-SLIDERS = {"batch": 0, "context": 1, "page": 2, "output": 3}  # order of the sliders on the page
+SLIDERS = {"batch": "Batch size", "context": "Context length", "page": "Page size",
+           "output": "Output tokens"}  # the sliders' titles
 
 
 def watch(page: Page) -> tuple[list[str], list[str]]:
@@ -42,7 +44,7 @@ def wait_measured(page: Page, timeout: float = 90_000) -> None:
 
 def move(page: Page, slider: str, key: str, presses: int) -> None:
     """Move a slider with the keyboard, as a learner using arrows would."""
-    handle = page.locator(".noUi-handle").nth(SLIDERS[slider])
+    handle = slider_handle(page, SLIDERS[slider])
     handle.focus()
     for _ in range(presses):
         handle.press(key)
@@ -66,7 +68,7 @@ def wait_for(page: Page, label: str, ok, timeout: float = 90_000) -> str:
 @pytest.fixture
 def loaded(page: Page, lab_url: str):
     errors, external = watch(page)
-    page.goto(lab_url + "?batch=4&context=64&output=16&page=16")
+    page.goto(lab_url + "?batch=4&requests=4&context=64&output=16&page=16")
     wait_measured(page)
     return page, errors, external
 
@@ -89,10 +91,12 @@ def test_page_loads_clean_with_every_section_and_formulas(loaded):
     assert external == [], external
 
 
-def test_batch_slider_changes_measured_tpot_and_kv(loaded):
-    page, errors, _ = loaded
+def test_batch_slider_changes_measured_tpot_and_kv(page: Page, lab_url: str):
+    errors, _ = watch(page)
+    page.goto(lab_url + "?batch=4&requests=64&context=64&output=16&page=16&kv_mb=64")
+    wait_measured(page)
     before = summary(page)
-    move(page, "batch", "End", 1)  # 4 -> 64 requests
+    move(page, "batch", "End", 1)  # 4 -> 64 of the 64 requests running at once
     kv_before = float(before["KV GB (measured)"])
     # Sixteen times the sequences of the same length hold sixteen times the pages.
     wait_for(page, "KV GB (measured)", lambda v: math.isclose(float(v), 16 * kv_before, rel_tol=0.01))

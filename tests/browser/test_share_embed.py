@@ -8,7 +8,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import free_port
+from tests.browser.conftest import free_port, slider
 
 pytestmark = pytest.mark.browser
 
@@ -19,15 +19,15 @@ def slider_titles(scope) -> list[str]:
 
 def test_a_shared_link_restores_the_sliders(page: Page, lab_url: str):
     page.goto(lab_url + "?batch=12&context=96&page=8&output=20&ttft_slo=300&tpot_slo=40")
-    expect(page.locator(".bk-slider-title").first).to_contain_text("12")
+    expect(page.locator(".bk-slider-title", has_text="Batch size")).to_contain_text("12")
     titles = " | ".join(slider_titles(page))
-    for expected in ("Batch size (requests): 12", "Context length (prompt tokens): 96",
+    for expected in ("Batch size (most running at once): 12", "Context length (prompt tokens): 96",
                      "Page size (tokens per block): 8", "Output tokens: 20", "TTFT SLO (ms): 300",
                      "TPOT SLO (ms): 40"):
         assert expected in titles
     expect(page.locator(".copy-link button").first).to_be_visible()
     # Moving a slider writes the new value back into the address bar.
-    handle = page.locator(".noUi-handle").nth(3)  # output tokens
+    handle = slider(page, "Output tokens")
     handle.focus()
     handle.press("ArrowRight")
     page.wait_for_function("() => new URLSearchParams(location.search).get('output') === '21'",

@@ -20,7 +20,7 @@ from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, lab_server
 
 pytestmark = pytest.mark.browser
 SESSIONS = int(os.environ.get("LAB_CHURN_SESSIONS", "6"))
-CHEAP = "batch=1&context=16&page=16&output=2"
+CHEAP = "batch=1&requests=1&context=16&page=16&output=2"
 # Closed sessions are dropped 15 s after their page goes (Bokeh's default lifetime, which must
 # outlast a slow page load); checking every 2 s instead of 17 s keeps the wait short.
 FLAGS = ["--liveness", "--plugins", "lab.diagnostics", "--check-unused-sessions", "2000"]

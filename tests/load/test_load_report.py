@@ -18,7 +18,7 @@ from lab.runs import Limits
 from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, lab_server
 
 pytestmark = pytest.mark.browser
-CHEAP = "batch=1&context=16&page=16&output=2"
+CHEAP = "batch=1&requests=1&context=16&page=16&output=2"
 
 
 @pytest.mark.timeout(420)

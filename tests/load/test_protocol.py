@@ -13,7 +13,7 @@ from lab.load_protocol import ProtocolClass, _finished_table
 from tests.browser.conftest import ARTIFACTS, lab_server
 
 pytestmark = pytest.mark.browser  # it serves the app, like the browser tests (no chromium needed)
-CHEAP = "batch=1&context=16&page=16&output=2"
+CHEAP = "batch=1&requests=1&context=16&page=16&output=2"
 
 
 def test_the_clients_marks_are_the_pages_own() -> None:
