@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import tornado.httpserver
@@ -41,11 +41,8 @@ class ServerState:
     max_len: int
     max_waiting: int  # requests queued past this get 503
     trace_out: TextIO | None = None  # finished requests' records, one JSON line each
-    draining: bool = False
-    active: set | None = None
-
-    def __post_init__(self) -> None:
-        self.active = set()
+    draining: bool = False  # SIGTERM came: no new requests
+    active: set = field(default_factory=set)  # handlers with a request in the engine
 
 
 class Detokenizer:
@@ -90,9 +87,12 @@ class GenerateHandler(JsonHandler):
 
     async def post(self) -> None:
         state = self.state
-        if state.draining:
-            return self.fail(protocol.ApiError("the server is shutting down", 503,
-                                               "ServiceUnavailableError"))
+        # Arrival is when the body was read, as vLLM's API server stamps it: parsing and
+        # tokenizing count toward TTFT, as they do for the client.
+        arrival_s = state.loop.engine.now()
+        if state.draining or state.loop.error is not None:
+            return self.fail(protocol.ApiError("the server is shutting down or its engine "
+                                               "failed", 503, "ServiceUnavailableError"))
         try:
             args = protocol.parse(self.request.body, self.chat, state.codec, {state.model},
                                   state.loop.engine.why_never)
@@ -102,16 +102,18 @@ class GenerateHandler(JsonHandler):
             return self.fail(protocol.ApiError(
                 f"{state.loop.queued} requests are already waiting; try again later", 503,
                 "ServiceUnavailableError"))
-        self.rid = state.loop.submit(args.prompt_ids, args.max_tokens, args.sampling, self._sink)
+        self.rid = state.loop.submit(args.prompt_ids, args.max_tokens, args.sampling, self._sink,
+                                     arrival_s)
         state.active.add(self)
         try:
             await (self._stream(args) if args.stream else self._whole(args))
         finally:
             state.active.discard(self)
 
-    def _sink(self, new: list[int], reason: str | None, rejected: str | None) -> None:
-        self.engine_done = reason is not None or rejected is not None
-        self.queue.put_nowait((new, reason, rejected))
+    def _sink(self, new: list[int], reason: str | None,
+              error: protocol.ApiError | None) -> None:
+        self.engine_done = reason is not None or error is not None
+        self.queue.put_nowait((new, reason, error))
 
     def abort(self) -> None:
         """Stop this request: its client left, or the server is shutting down."""
@@ -127,9 +129,9 @@ class GenerateHandler(JsonHandler):
         item = await self.queue.get()
         if item is CLOSED:
             return [], "abort"
-        new, reason, rejected = item
-        if rejected is not None:
-            raise protocol.ApiError(f"this request can never run here: {rejected}")
+        new, reason, error = item
+        if error is not None:
+            raise error
         return new, reason
 
     async def _whole(self, args: protocol.GenerateArgs) -> None:

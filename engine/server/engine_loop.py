@@ -17,7 +17,7 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine.cpu_threads import one_torch_thread
 from engine.llm_engine import LLMEngine
@@ -25,6 +25,7 @@ from engine.records import RequestRecord, StepRecord
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.server.prometheus import ServerMetrics
+from engine.server.protocol import ApiError
 
 IDLE_WAIT_S = 0.5  # how long an idle loop blocks on the inbox before looking at `stopping` again
 
@@ -35,11 +36,10 @@ class Stream:
 
     record: RequestRecord
     sampling: SamplingParams
-    # Called on the HTTP event loop with (new token ids, finish reason or None, rejection or None).
-    sink: Callable[[list[int], str | None, str | None], None]
+    # Called on the HTTP event loop with (new token ids, finish reason or None, error or None).
+    sink: Callable[[list[int], str | None, ApiError | None], None]
     seq: Sequence | None = None
     sent: int = 0  # output tokens already handed to the sink
-    done: bool = field(default=False)
 
 
 class EngineLoop:
@@ -61,11 +61,12 @@ class EngineLoop:
 
     # -- called from the HTTP side ---------------------------------------------------------------
     def submit(self, prompt_ids: list[int], max_tokens: int, sampling: SamplingParams,
-               sink: Callable[[list[int], str | None, str | None], None]) -> int:
-        """Queue a request (arrival time is now); returns its id for `abort`."""
+               sink: Callable[[list[int], str | None, ApiError | None], None],
+               arrival_s: float) -> int:
+        """Queue a request that arrived at `arrival_s` (`engine.now()`); returns its id."""
         rid = next(self._ids)
         record = RequestRecord(id=rid, prompt_ids=prompt_ids, max_tokens=max_tokens,
-                               arrival_s=self.engine.now())
+                               arrival_s=arrival_s)
         self.inbox.put(("add", Stream(record, sampling, sink)))
         return rid
 
@@ -97,6 +98,9 @@ class EngineLoop:
                     self._set_gauges()
         except Exception:  # the server must say it is broken rather than hang its clients
             self.error = traceback.format_exc()
+            failed = ApiError("the engine failed; see the server's log", 500, "InternalServerError")
+            for stream in self.streams.values():
+                self._hand(stream, [], None, failed)
             raise
 
     def _drain(self, block: bool) -> None:
@@ -115,8 +119,9 @@ class EngineLoop:
         if command == "add":
             stream: Stream = arg
             stream.seq = self.engine.add_request(stream.record, stream.sampling)
-            if stream.seq is None:  # the HTTP side checked this; a race with nothing is all left
-                self._hand(stream, [], None, stream.record.rejected)
+            if stream.seq is None:  # the HTTP side checked already; kept for callers that did not
+                self._hand(stream, [], None,
+                           ApiError(f"this request can never run here: {stream.record.rejected}"))
             else:
                 self.streams[stream.record.id] = stream
         elif command == "abort":
@@ -147,8 +152,8 @@ class EngineLoop:
             self._hand(stream, new, reason, None)
 
     def _hand(self, stream: Stream, new: list[int], reason: str | None,
-              rejected: str | None) -> None:
-        self.deliver(lambda: stream.sink(new, reason, rejected))
+              error: ApiError | None) -> None:
+        self.deliver(lambda: stream.sink(new, reason, error))
 
     def _set_gauges(self) -> None:
         sched, blocks = self.engine.scheduler, self.engine.blocks
