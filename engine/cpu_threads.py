@@ -1,19 +1,21 @@
-"""The engine's CPU threads: torch's pool held to one thread during runs; OpenBLAS's size set here.
+"""The engine's CPU threads: during runs, torch's pool does the matrix products; OpenBLAS is held
+to one thread.
 
-On the CPU the heavy arithmetic of a step goes through numpy's OpenBLAS, which has its own threads
-(`engine.kernels.cpu_decode`, `engine.model.linear`). Torch's OpenMP pool, left at one thread per
-core, spins between its operations and takes the cores OpenBLAS needs: with torch imported before
-`engine` (so before `engine/__init__.py` could ask OpenMP to wait passively) a batch-1 decode step
-of the default model measured 15-16 ms instead of 5.5-6, and a 128-token prefill 430-510 ms instead
-of 60-65 (2-core EPYC, `cpu-30m`). One torch thread removes the contention whatever the import
-order. The setting is the process's, so it is restored when the run ends: the benchmark's Hugging
-Face peer, which is all torch, keeps every thread.
+Two thread pools live in the engine's process: torch's (OpenMP, which MKL's matrix products run
+on) and numpy's OpenBLAS. Each, left at one thread per core, busy-waits between its jobs on the
+cores the other needs: with both at two threads on a 2-core EPYC, a batch-1 decode step measured
+15-16 ms instead of 5.5-6 ms. So a run uses one pool for its heavy arithmetic. Every weight product
+of a step goes through torch (`engine.kernels.cpu_products`, `engine.model.linear`), because
+OpenBLAS repacks a whole weight matrix on every call of two rows or more; numpy is left the small
+per-sequence arithmetic, which gains nothing from threads, and runs with one OpenBLAS thread.
 
-OpenBLAS's own threads (one per core unless told otherwise) do the step's matrix products. When
-another process or thread wants a core, they wait on each other and a step stretches: with one
-busy-loop process on a 2-core machine, `cpu-8m` at batch 8 decoded at 17-21 ms per token with two
-BLAS threads and at 8-9 ms with one (7-8 ms with two on a quiet machine). A server that also renders
-pages may therefore run the engine on fewer BLAS threads (`set_blas_threads`).
+How many threads a run's products get is the process's setting of "BLAS threads"
+(`set_blas_threads`, the CLI's `--cpu-threads`, the lab's `LAB_CPU_THREADS`), one per core unless
+told otherwise; `engine_threads` moves it onto torch's pool for the run and restores both pools
+when the run ends (the benchmark's probe keeps every torch thread). When another process wants a
+core, threads of one job wait on each other and a step stretches: with one busy-loop process on a
+2-core machine, `cpu-8m` at batch 8 decoded at 17-21 ms per token with two threads and at 8-9 ms
+with one. A server that also renders pages may therefore run the engine on fewer threads.
 """
 from __future__ import annotations
 
@@ -26,15 +28,17 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 
 @contextmanager
-def one_torch_thread(device: torch.device) -> Iterator[None]:
-    """On the CPU, run the block with torch limited to one thread; elsewhere, change nothing."""
+def engine_threads(device: torch.device) -> Iterator[None]:
+    """On the CPU, run the block with torch's pool at the process's BLAS-thread setting and
+    OpenBLAS at one thread; elsewhere, change nothing."""
     if device.type != "cpu":
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(blas_threads())
     try:
-        yield
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(before)
 

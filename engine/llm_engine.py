@@ -25,7 +25,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import ConfigError, EngineConfig
-from engine.cpu_threads import blas_threads, one_torch_thread
+from engine.cpu_threads import blas_threads, engine_threads
 from engine.cuda_graphs import DecodeGraphs, graphs_supported
 from engine.model import KVCache, Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
@@ -56,7 +56,7 @@ def describe_device(device: torch.device) -> str:
     """What the page and the CLI print as the measuring device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    n = blas_threads()  # the step's matrix products run on them (torch holds one during runs)
+    n = blas_threads()  # the engine's CPU threads: runs do the step's products on this many
     return f"CPU: {n} thread{'s' if n != 1 else ''}"
 
 
@@ -91,7 +91,7 @@ class LLMEngine:
             raise ConfigError(f"cannot allocate a KV cache of {self.num_blocks * self.block_bytes} "
                               f"bytes on {self.device.type}; lower the KV budget") from None
         self.device_name = describe_device(self.device)
-        with one_torch_thread(self.device):
+        with engine_threads(self.device):
             self._warm_up()
         # Captured after the eager warm-up, every ladder size at once: see DecodeGraphs.
         self.graphs = (DecodeGraphs(self.model, self.cache, config.max_num_seqs, self.max_len,
@@ -214,7 +214,7 @@ class LLMEngine:
             on_step: Callable[[StepRecord], None] | None = None,
             cancel: threading.Event | None = None) -> Trace:
         """Serve every request of `workload`; `on_step` sees each step's record as it happens."""
-        with one_torch_thread(self.device):
+        with engine_threads(self.device):
             return self._serve(workload, on_step, cancel)
 
     def _serve(self, workload: WorkloadSpec | Seq[Request],

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,11 +60,8 @@ class KVCache:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T. On the CPU in fp32 the product goes through numpy's OpenBLAS on whatever
-    layout `Llama.prepare` gave the weight: on the 2-core AMD EPYC we measured, it streamed a
-    decode step's weights at about 25 GB/s, where torch's CPU BLAS reached about 14 GB/s."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.from_numpy(np.matmul(x.contiguous().numpy(), weight.detach().numpy().T))
+    """x @ weight.T, for a weight stored (out, in). On the CPU this is torch's BLAS (MKL on x86),
+    on torch's thread pool, which `engine.cpu_threads` sizes during runs."""
     return F.linear(x, weight)
 
 
@@ -256,7 +252,6 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
-        self.register_buffer("embed_rows", None, persistent=False)  # a row-major copy, see prepare()
         self.cpu_decoder: CpuDecoder | None = None  # set by prepare() for fp32 CPU serving
 
     def init_random(self, seed: int) -> None:
@@ -279,8 +274,7 @@ class Llama(nn.Module):
                 meta.decode_block_tables.numpy(), meta.decode_context_lens.numpy(),
                 cache.k.numpy(), cache.v.numpy())
             return torch.from_numpy(logits)[logit_index]
-        table = self.model.embed_tokens.weight if self.embed_rows is None else self.embed_rows
-        h = F.embedding(input_ids, table)  # (N, d)
+        h = F.embedding(input_ids, self.model.embed_tokens.weight)  # (N, d)
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin,
@@ -290,28 +284,23 @@ class Llama(nn.Module):
         return linear(h, self.lm_head.weight).float()  # (M, vocab)
 
     def prepare(self) -> "Llama":
-        """Ready loaded weights for serving: fuse q/k/v and gate/up into single matrices, and on
-        the CPU lay each matrix out in memory the way OpenBLAS's matrix-vector product streams it
-        fastest (parameters keep their (out, in) shapes, as views). On a 2-core EPYC, stored
-        (in, out) against (out, in): the LM head read at 34 against 23 GB/s, gate/up 29 against
-        20, o 14 against 12, q/k/v about 20 either way; the down projection, with its long input,
-        is the other way round (28 against 22 GB/s), so it keeps Hugging Face's layout. On the
-        CPU the matrices also move into huge-page memory (`engine.hugepages`), and an fp32 model
-        gets its numpy decode step (`engine.kernels.cpu_decode`)."""
+        """Ready loaded weights for serving: fuse q/k/v and gate/up into single matrices, so that
+        a step reads each input once (parameters keep Hugging Face's names and (out, in) shapes,
+        as views). On the CPU every matrix moves into huge-page memory (`engine.hugepages`) in
+        that (out, in) layout, which is what the products of `engine.kernels.cpu_products` read
+        in place, and an fp32 model gets its numpy decode step (`engine.kernels.cpu_decode`)
+        with one product object per matrix, made here once."""
         weight = self.lm_head.weight
         cpu = weight.device.type == "cpu"
         place = self._arena_place() if cpu else plain_place(weight)
         for layer in self.model.layers:
-            layer.self_attn.fuse(place, transposed=cpu)
-            layer.mlp.fuse(place, transposed=cpu)
+            layer.self_attn.fuse(place, transposed=False)
+            layer.mlp.fuse(place, transposed=False)
             if cpu:
-                move_weight(layer.self_attn.o_proj, place, transposed=True)
+                move_weight(layer.self_attn.o_proj, place, transposed=False)
                 move_weight(layer.mlp.down_proj, place, transposed=False)
         if cpu:  # tied or not: the LM head is the biggest single matrix
-            move_weight(self.lm_head, place, transposed=True)
-            if self.config.tie_word_embeddings:
-                # Token lookups read rows; a transposed table would scatter every one of them.
-                self.embed_rows = self.model.embed_tokens.weight.detach().contiguous()
+            move_weight(self.lm_head, place, transposed=False)
         if cpu and weight.dtype == torch.float32:
             self.cpu_decoder = CpuDecoder(self)  # views of the weights as they are now laid out
         return self

@@ -65,9 +65,9 @@ def test_prepared_cpu_model_gets_the_numpy_step(model: Llama) -> None:
     assert isinstance(model.cpu_decoder, CpuDecoder)
     # The decoder reads the parameters' own memory: no second copy of the weights.
     layer = model.model.layers[0]
-    assert np.shares_memory(model.cpu_decoder.layers[0].down,
+    assert np.shares_memory(model.cpu_decoder.layers[0].down.weight.numpy(),
                             layer.mlp.down_proj.weight.detach().numpy())
-    assert np.shares_memory(model.cpu_decoder.layers[0].qkv,
+    assert np.shares_memory(model.cpu_decoder.layers[0].qkv.weight.numpy(),
                             layer.self_attn.q_proj.weight.detach().numpy())
 
 
@@ -137,25 +137,63 @@ def test_prepared_cpu_matrices_share_one_arena(model: Llama) -> None:
     high = max(m.data_ptr() + m.nbytes for m in mats)
     packed = sum(HugePageArena.size_of(m.shape, m.dtype) for m in mats)
     assert high - low <= packed  # back to back in one region, not scattered allocations
-    assert layer.mlp.down_proj.weight.is_contiguous()  # (out, in): long-input matrices
-    assert layer.self_attn.o_proj.weight.t().is_contiguous()  # (in, out): wide-output ones
+    assert all(m.is_contiguous() for m in mats)  # (out, in), as torch's products read them
     assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (
         CFG.num_key_value_heads * CFG.head_dim, CFG.hidden_size)
 
 
-def test_engine_runs_with_one_torch_thread_and_gives_the_others_back() -> None:
+def test_engine_runs_products_on_torch_threads_and_openblas_on_one() -> None:
+    """During a run the step's products run on torch's pool, sized at the process's BLAS-thread
+    setting, and OpenBLAS is held to one thread (two busy pools fight over the cores); both come
+    back afterwards."""
     from engine.config import EngineConfig
+    from engine.cpu_threads import blas_threads, set_blas_threads
     from engine.llm_engine import LLMEngine
     from engine.workload import WorkloadSpec
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch_before, blas_before = torch.get_num_threads(), blas_threads()
+    torch.set_num_threads(3)
+    set_blas_threads(2)
     try:
         engine = LLMEngine(EngineConfig(model="tiny", device="cpu"))
-        seen: list[int] = []
+        seen: list[tuple[int, int]] = []
         engine.run(WorkloadSpec(num_requests=2, prompt_len=5, output_len=3),
-                   on_step=lambda _step: seen.append(torch.get_num_threads()))
-        assert seen and set(seen) == {1}
-        assert torch.get_num_threads() == 2  # the benchmark's peer and the probe keep theirs
+                   on_step=lambda _step: seen.append((torch.get_num_threads(), blas_threads())))
+        assert seen and set(seen) == {(2, 1)}
+        assert torch.get_num_threads() == 3 and blas_threads() == 2  # the probe keeps its own
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(torch_before)
+        set_blas_threads(blas_before)
+
+
+def test_a_decode_step_reads_each_weight_once_through_products_made_at_prepare(
+        model: Llama, monkeypatch) -> None:
+    """What batched decode's speed rests on: every weight matrix has one product object, made
+    once when the model was prepared and holding the weight's own memory (nothing is copied or
+    repacked per call), and a step of B sequences calls each of them once with all B rows, through
+    torch's BLAS rather than numpy's OpenBLAS (which repacks a matrix on every call of 2+ rows)."""
+    decoder = model.cpu_decoder
+    products = [decoder.lm_head] + [p for w in decoder.layers for p in (w.qkv, w.o, w.gate_up,
+                                                                         w.down)]
+    assert len({id(p) for p in products}) == 4 * CFG.num_hidden_layers + 1
+    weights = {model.lm_head.weight.data_ptr()} | {m.data_ptr() for layer in model.model.layers
+                                                  for m in (layer.self_attn.qkv_weight,
+                                                            layer.self_attn.o_proj.weight,
+                                                            layer.mlp.gate_up_weight,
+                                                            layer.mlp.down_proj.weight)}
+    assert {p.weight.data_ptr() for p in products} == weights
+    calls: list[tuple[int, int]] = []
+    real_mm = torch.mm
+
+    def counting_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append((a.shape[0], b.data_ptr()))
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    lens = [5, 9, 3, 12, 7]
+    _run(model, True, *_decode_inputs(model, lens, 4, 20, True, seed=5))
+    assert sorted(ptr for _, ptr in calls) == sorted(weights)  # each weight once, no other product
+    assert {rows for rows, _ in calls} == {len(lens)}  # all sequences' rows in one call
+    after = [(p, p.weight) for p in products]
+    _run(model, True, *_decode_inputs(model, lens, 4, 20, True, seed=6))
+    assert all(p.weight is w for p, w in after)  # the same objects serve the next step

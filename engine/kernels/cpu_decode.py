@@ -1,11 +1,15 @@
 """A decode step for the CPU written against numpy: the engine's CPU kernel for pure-decode batches.
 
-Why not torch: a decode step of the CPU default model performs some three hundred operations on
-vectors of a few hundred numbers. Each torch call costs several microseconds of dispatch, and its
-OpenMP pool fights numpy's OpenBLAS threads for the two cores; together that was more than a third
-of a batch-1 step. The same arithmetic as numpy calls on views of the very same memory (weights,
-rotary tables, KV pages) costs about a microsecond per call, and every matrix product goes through
-OpenBLAS on weights stored (in, out), the layout its matrix-vector kernel streams fastest.
+Why not torch for the whole step: a decode step of the CPU default model performs some three
+hundred operations on vectors of a few hundred numbers. Each torch call costs several microseconds
+of dispatch; the same arithmetic as numpy calls on views of the very same memory (weights, rotary
+tables, KV pages) costs about a microsecond per call. The weight products are the exception: they
+go through torch's BLAS (`engine.kernels.cpu_products`), one call per matrix with every
+sequence's row, because numpy's OpenBLAS repacks the whole matrix on each call of two rows or more.
+
+Attention reads each sequence's pages. One sequence attends through a view of its pages where they
+sit side by side; several are attended to a few at a time, their pages gathered into one small
+array (a handful of numpy calls per layer whatever the batch, instead of a dozen per sequence).
 
 Only steps made of decodes alone come here (one new token per sequence, K/V written through the
 slot mapping, attention over each sequence's pages); prefill chunks stay on the torch path. The
@@ -19,20 +23,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.kernels.cpu_products import WeightProduct
 
-def _rows(weight: torch.Tensor) -> np.ndarray:
-    """An (in, out) numpy view of an (out, in) weight, in whatever layout it is stored."""
-    return weight.detach().numpy().T
+# Sequences whose gathered K and V (per layer) stay within about this many bytes are attended to
+# together: few enough numpy calls per layer at any batch, and the gathered pages stay in the
+# core's L2 cache for the two products that read them, instead of going out to memory and back.
+ATTENTION_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
 class _Layer:
     ln_attn: np.ndarray  # (d,)
-    qkv: np.ndarray  # (d, (Hq + 2 Hkv) * D)
-    o: np.ndarray  # (Hq * D, d)
+    qkv: WeightProduct  # d -> (Hq + 2 Hkv) * D
+    o: WeightProduct  # Hq * D -> d
     ln_mlp: np.ndarray  # (d,)
-    gate_up: np.ndarray  # (d, 2F)
-    down: np.ndarray  # (F, d)
+    gate_up: WeightProduct  # d -> 2F
+    down: WeightProduct  # F -> d
 
 
 class CpuDecoder:
@@ -46,14 +52,14 @@ class CpuDecoder:
         self.scale = self.d_head ** -0.5
         self.layers = [
             _Layer(layer.input_layernorm.weight.detach().numpy(),
-                   _rows(layer.self_attn.qkv_weight), _rows(layer.self_attn.o_proj.weight),
+                   WeightProduct(layer.self_attn.qkv_weight),
+                   WeightProduct(layer.self_attn.o_proj.weight),
                    layer.post_attention_layernorm.weight.detach().numpy(),
-                   _rows(layer.mlp.gate_up_weight), _rows(layer.mlp.down_proj.weight))
+                   WeightProduct(layer.mlp.gate_up_weight), WeightProduct(layer.mlp.down_proj.weight))
             for layer in model.model.layers]
         self.norm = model.model.norm.weight.detach().numpy()
-        self.lm_head = _rows(model.lm_head.weight)
-        table = model.model.embed_tokens.weight if model.embed_rows is None else model.embed_rows
-        self.embed = table.detach().numpy()  # (vocab, d), row-major
+        self.lm_head = WeightProduct(model.lm_head.weight)
+        self.embed = model.model.embed_tokens.weight.detach().numpy()  # (vocab, d), row-major
         self.cos = model.rotary.cos.numpy()  # (max_pos, D)
         self.sin = model.rotary.sin.numpy()
 
@@ -74,15 +80,13 @@ class CpuDecoder:
         """
         batch = ids.shape[0]
         hq, hkv, d = self.n_heads, self.n_kv, self.d_head
-        group, half, page = hq // hkv, d // 2, k_cache.shape[2]
-        lens = context_lens.tolist()
-        tables = [row[:-(-n // page)] for row, n in zip(block_tables.tolist(), lens)]
+        group, half = hq // hkv, d // 2
+        attend = _Attention(block_tables, context_lens, k_cache.shape[2], hkv, d)
         cos = self.cos[positions][:, None, :]  # (B, 1, D)
         sin = self.sin[positions][:, None, :]
         h = self.embed[ids]  # (B, d)
-        attn = np.empty((batch, hkv, group, d), dtype=h.dtype)
         for i, w in enumerate(self.layers):
-            qkv = self._norm(h, w.ln_attn) @ w.qkv  # (B, (Hq + 2 Hkv) D)
+            qkv = w.qkv(self._norm(h, w.ln_attn))  # (B, (Hq + 2 Hkv) D)
             qk = qkv[:, :(hq + hkv) * d].reshape(batch, hq + hkv, d)
             turned = np.empty_like(qk)  # rotate-half: (-x2, x1)
             np.negative(qk[..., half:], out=turned[..., :half])
@@ -91,25 +95,69 @@ class CpuDecoder:
             keys, values = k_cache[i], v_cache[i]  # (NB, P, Hkv, D)
             keys.reshape(-1, hkv, d)[slots] = qk[:, hq:]
             values.reshape(-1, hkv, d)[slots] = qkv[:, (hq + hkv) * d:].reshape(batch, hkv, d)
-            # A group's query heads share one K/V head: (Hkv, G, D) against (Hkv, n, D).
+            # A group's query heads share one K/V head: (B, Hkv, G, D) against (n, Hkv, D).
             q = (qk[:, :hq] * self.scale).reshape(batch, hkv, group, d)
-            for b in range(batch):
-                n, table = lens[b], tables[b]
-                k = _pages(keys, table).reshape(-1, hkv, d)[:n]  # (n, Hkv, D)
-                v = _pages(values, table).reshape(-1, hkv, d)[:n]
-                scores = np.matmul(q[b], k.transpose(1, 2, 0))  # (Hkv, G, n)
-                scores -= scores.max(axis=-1, keepdims=True)
-                np.exp(scores, out=scores)
-                scores /= scores.sum(axis=-1, keepdims=True)
-                np.matmul(scores, v.transpose(1, 0, 2), out=attn[b])
-            h = h + attn.reshape(batch, hq * d) @ w.o
-            gate_up = self._norm(h, w.ln_mlp) @ w.gate_up  # (B, 2F)
+            h = h + w.o(attend(q, keys, values).reshape(batch, hq * d))
+            gate_up = w.gate_up(self._norm(h, w.ln_mlp))  # (B, 2F)
             half_width = gate_up.shape[1] // 2
             gate, up = gate_up[:, :half_width], gate_up[:, half_width:]
             # SiLU(gate) * up, with sigmoid(x) written as (1 + tanh(x / 2)) / 2: exp(-x) overflows
             # for very negative gates, tanh never does.
-            h = h + (gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up) @ w.down
-        return self._norm(h, self.norm) @ self.lm_head  # (B, vocab)
+            h = h + w.down(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up)
+        return self.lm_head(self._norm(h, self.norm))  # (B, vocab)
+
+
+class _Attention:
+    """Decode attention over paged K/V for one step; what does not depend on the layer (page
+    lists, chunks, masks) is worked out once here and reused by every layer."""
+
+    def __init__(self, block_tables: np.ndarray, context_lens: np.ndarray, page: int, hkv: int,
+                 d: int) -> None:
+        self.lens = context_lens.tolist()
+        pages = [-(-n // page) for n in self.lens]
+        self.single = len(self.lens) == 1
+        if self.single:  # one sequence: its pages as a view where they are side by side
+            self.table = block_tables[0, :pages[0]].tolist()
+            return
+        # Several: each chunk of sequences gathers its pages into one (b, T, Hkv, D) array, T
+        # padded to the chunk's longest; padded positions get -inf before the softmax.
+        per_seq = max(pages) * page * hkv * d * 4 * 2
+        step = max(1, ATTENTION_CHUNK_BYTES // per_seq)
+        self.chunks = []
+        for start in range(0, len(self.lens), step):
+            lens = context_lens[start:start + step]
+            width = -(-int(lens.max()) // page)
+            table = block_tables[start:start + step, :width]  # (b, pages) padded with valid ids
+            positions = np.arange(width * page)
+            mask = np.where(positions[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)
+            self.chunks.append((start, start + len(lens), table, mask[:, None, None, :]))
+
+    def __call__(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """q: (B, Hkv, G, D) scaled; keys, values: (NB, P, Hkv, D) one layer's pages ->
+        (B, Hkv, G, D)."""
+        batch, hkv, _, d = q.shape
+        if self.single:
+            n = self.lens[0]
+            k = _pages(keys, self.table).reshape(-1, hkv, d)[:n]  # (n, Hkv, D)
+            v = _pages(values, self.table).reshape(-1, hkv, d)[:n]
+            return _softmax_product(np.matmul(q[0], k.transpose(1, 2, 0)), v.transpose(1, 0, 2))[None]
+        out = np.empty_like(q)
+        for start, stop, table, mask in self.chunks:
+            b = stop - start
+            k = keys[table].reshape(b, -1, hkv, d)  # (b, T, Hkv, D)
+            v = values[table].reshape(b, -1, hkv, d)
+            scores = np.matmul(q[start:stop], k.transpose(0, 2, 3, 1))  # (b, Hkv, G, T)
+            scores += mask
+            out[start:stop] = _softmax_product(scores, v.transpose(0, 2, 1, 3))
+        return out
+
+
+def _softmax_product(scores: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(scores) @ v over the last axis of scores, in place: (..., G, T) @ (..., T, D)."""
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, v)
 
 
 def _pages(cache: np.ndarray, table: list[int]) -> np.ndarray:

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.cpu_threads import one_torch_thread
+from engine.cpu_threads import engine_threads
 from engine.llm_engine import LLMEngine
 from engine.records import RequestRecord, StepRecord
 from engine.sampling_params import SamplingParams
@@ -89,7 +89,7 @@ class EngineLoop:
     # -- the engine's thread ---------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            with one_torch_thread(self.engine.device):
+            with engine_threads(self.engine.device):
                 while not self.stopping.is_set():
                     self._drain(block=not self.engine.has_work)
                     step = self.engine.step() if self.engine.has_work else None

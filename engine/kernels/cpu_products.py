@@ -1,0 +1,35 @@
+"""The CPU's weight-matrix products: one object per weight, made once when the model is prepared.
+
+A decode step multiplies a few rows (one per sequence) by every weight matrix. OpenBLAS, which
+numpy uses, streams a matrix once for a single row (its matrix-vector kernel) but, for two rows or
+more, copies ("packs") the whole matrix into its own layout on every call before multiplying: on
+the 2-core development box a step's products took about 3x as long at batch 2 as at batch 1, and a
+batch-2 run had a lower throughput than a batch-1 run. MKL's matrix product, which torch calls on
+x86 CPUs, reads a weight stored (out, in) without that per-call copy at small batches, so the time
+of a step grows with the batch only as its arithmetic does.
+
+`WeightProduct` holds the weight as it will be read (a torch view of the model's own memory: no
+copy is made) and computes `x @ weight.T` for numpy rows, on torch's thread pool; see
+`engine.cpu_threads` for how that pool and OpenBLAS's are sized during runs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class WeightProduct:
+    """`x @ weight.T` for numpy rows x: (B, in) -> (B, out), through torch's CPU BLAS."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if weight.dim() != 2 or not weight.is_contiguous():
+            raise ValueError("a weight product needs a contiguous (out, in) matrix")
+        self.weight = weight.detach()  # (out, in), shares the model's memory
+        self.rows_t = self.weight.t()  # (in, out) view: torch.mm reads it in place
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return torch.mm(torch.from_numpy(x), self.rows_t).numpy()
