@@ -209,3 +209,18 @@ def test_tokenizer_files_load_with_transformers(tmp_path):
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         codec.render_chat(messages)
     assert all(codec.decode([i]) for i in range(4, 512))  # every non-special id has text
+
+
+def test_a_checkpoint_directorys_own_tokenizer_is_used(tmp_path):
+    from engine.config import preset
+    from engine.server.tokenizer import built, for_model
+    files = dict(built(512, 8192).files)
+    config = json.loads(files["tokenizer_config.json"])
+    config |= {"eos_token": {"content": "<|user|>"},
+               "chat_template": "Q: {{ messages[0]['content'] }}"}
+    files["tokenizer_config.json"] = json.dumps(config)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    codec = for_model(str(tmp_path), preset("tiny"))
+    assert codec.eos_token_id == 2
+    assert codec.render_chat([{"role": "user", "content": "hi"}]) == "Q: hi"
