@@ -19,9 +19,9 @@ from engine import analytic
 from engine.llm_engine import describe_device
 from engine.metrics import summarize
 from engine.records import StepRecord, Trace
-from lab.runs import (SWEEP_BATCHES, SWEEP_RATES, Limits, ModelShelf, RunKey, bytes_per_elem,
-                      check_run, execute, floors_ms, kv_capacity_bytes, other_policy_key,
-                      rate_key, ridge_batch, running_bounds, sweep_key)
+from lab.background import REPEATS, BackgroundRuns
+from lab.runs import (Limits, ModelShelf, RunKey, bytes_per_elem, check_run, execute,
+                      kv_capacity_bytes, running_bounds)
 from lab.service import EngineService, Outcome
 from lab.state import LabState
 from widgets.device_banner import DeviceBanner
@@ -38,7 +38,6 @@ from widgets.timeline_plot import TimelinePlot
 from widgets.tpot_batch_plot import TPOTBatchPlot
 
 QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
-REPEATS = 3  # measurements of one setting, for its run-to-run spread
 
 
 def frozen(doc, fn, *args) -> None:
@@ -100,8 +99,7 @@ class DemoController:
         self._flush_scheduled = False
         self._last_flush = 0.0  # time.monotonic() of the last live update
         self._run_id = 0  # bumped by each submission; steps of older runs are dropped
-        self._sweep: dict[int, float] = {}
-        self._rates: dict[float, Trace] = {}
+        self.sweeps = BackgroundRuns(self)
         self._queue_cb = None
         state.param.watch(self._on_controls, list(LabState.RUN_CONTROLS))
         state.param.watch(self._on_slo, ["ttft_slo", "tpot_slo"])
@@ -184,6 +182,12 @@ class DemoController:
     def _run(self, key: RunKey, on_step, cancel) -> Trace:
         return execute(key, self.shelf, on_step, cancel, max_run_s=self.limits.max_run_s)
 
+    def queue_background(self, key: RunKey, done) -> None:
+        """Ask the service for `key` as background work; `done(key, outcome)` runs on this
+        session's loop (see lab/background.py)."""
+        self.service.submit(self.session, key, partial(self._run, key),
+                            on_done=lambda o: self._hop(done, key, o), background=True)
+
     def _step_from_worker(self, run_id: int, step: StepRecord) -> None:
         """On the worker thread: keep the step for the next live update, and schedule one. The
         first step after a quiet spell is shown at once; later ones wait out `limits.live_update_s`."""
@@ -256,11 +260,7 @@ class DemoController:
         if workload_changed:
             self.policy.reset()
         self._draw(outcome.trace)
-        self.service.drop_background(self.session)
-        self._start_policy_comparison(key)
-        self._start_repeats(key)
-        self._start_sweep(key)
-        self._start_rate_sweep(key)
+        self.sweeps.start(key)
 
     def _draw(self, trace: Trace) -> None:
         slo = self.state.slo()
@@ -274,10 +274,7 @@ class DemoController:
         for plot in (self.latency, self.timeline, self.kv_memory, self.page_map, self.queue):
             plot.show(trace, summary, slo)
         self.summary.show(trace, summary, slo)
-        if key is not None:
-            self._draw_policies()
-        self.goodput_rate.rejudge(slo)
-        self._draw_sweep()
+        self.sweeps.redraw()
         for listener in self.listeners:
             listener(trace, summary)
 
@@ -288,99 +285,6 @@ class DemoController:
         """The shown run again, under the SLOs as they are now."""
         if self.trace is not None:
             self._draw(self.trace)
-
-    # -- background work: the other policy, repeats, the batch and rate sweeps ------------------
-    # Submitted in this order after each finished run; the service runs them only while no
-    # learner's run waits, and stops one in progress when a learner's run arrives.
-    def _background(self, key: RunKey, done) -> Trace | None:
-        """The cached trace for `key`, or None after queueing its run with `done` to follow."""
-        cached = self.service.cached(key)
-        if cached is None:
-            self.service.submit(self.session, key, partial(self._run, key),
-                                on_done=lambda o: self._hop(done, key, o), background=True)
-        return cached
-
-    def _start_policy_comparison(self, key: RunKey) -> None:
-        other = other_policy_key(key).with_(repeat=0)
-        wanted = other.policy not in self.policy.traces and check_run(other, self.limits) is None
-        self.policy.show(key.policy, self.trace, self.state.slo(),
-                         pending=other.policy if wanted else "")
-        if not wanted:
-            return
-        cached = self._background(other, self._policy_done)
-        if cached is not None:
-            self.policy.show(other.policy, cached, self.state.slo())
-
-    def _policy_done(self, key: RunKey, outcome: Outcome) -> None:
-        shown = self.shown_key
-        if outcome.trace is None or shown is None or other_policy_key(shown).with_(
-                repeat=0) != key:
-            return
-        self.policy.show(key.policy, outcome.trace, self.state.slo())
-
-    def _draw_policies(self) -> None:
-        self.policy.rejudge(self.state.slo())
-
-    def _start_repeats(self, key: RunKey) -> None:
-        """Measure the setting REPEATS times in all, for the spread the prediction gate uses."""
-        for r in range(REPEATS):
-            self._background(key.with_(repeat=r), lambda *_: None)
-
-    def _start_sweep(self, key: RunKey) -> None:
-        self._sweep = {}
-        for batch in SWEEP_BATCHES:
-            sk = sweep_key(key, batch)
-            if check_run(sk, self.limits) is not None:
-                continue
-            cached = self._background(sk, self._sweep_point)
-            if cached is not None:  # drawn once below, not one redraw per cached point
-                self._sweep[batch] = summarize(cached).tpot_ms.p50
-        self._draw_sweep()
-
-    def _sweep_point(self, sk: RunKey, outcome: Outcome) -> None:
-        shown = self.shown_key
-        if outcome.trace is None or shown is None or sweep_key(shown, sk.batch) != sk:
-            return
-        self._sweep[sk.batch] = summarize(outcome.trace).tpot_ms.p50
-        self._draw_sweep()
-
-    def _draw_sweep(self) -> None:
-        key = self.shown_key
-        if key is None:
-            return
-        cfg = self.shelf.get(key.model).config
-        probe = analytic.probe(self.shelf.device.type)
-        elem = bytes_per_elem(self.shelf.device)
-        floors = [(b, *floors_ms(key, b, cfg, probe, elem)) for b in SWEEP_BATCHES]
-        expected = [b for b in SWEEP_BATCHES if check_run(sweep_key(key, b), self.limits) is None]
-        points = sorted(self._sweep.items())
-        self.tpot_batch.show_sweep(points, floors, key.batch,
-                                   pending=len(points) < len(expected),
-                                   ridge=ridge_batch(key, cfg, probe, elem))
-
-    def rate_sweep_keys(self, key: RunKey) -> list[RunKey]:
-        """The arrival rates the goodput sweep measures for this workload (those that may run)."""
-        if key.requests < 4:  # too few requests for a rate to mean anything
-            return []
-        return [rk for rk in (rate_key(key, r) for r in SWEEP_RATES)
-                if check_run(rk, self.limits) is None]
-
-    def _start_rate_sweep(self, key: RunKey) -> None:
-        keys = self.rate_sweep_keys(key)
-        self._rates = {}
-        for rk in keys:
-            cached = self._background(rk, self._rate_point)
-            if cached is not None:
-                self._rates[rk.rate] = cached
-        self.goodput_rate.show_sweep(self._rates, len(keys), self.state.slo())
-
-    def _rate_point(self, rk: RunKey, outcome: Outcome) -> None:
-        shown = self.shown_key
-        if outcome.trace is None or shown is None or rate_key(shown, rk.rate) != rk:
-            return
-        self._rates[rk.rate] = outcome.trace
-        self.goodput_rate.show_sweep(self._rates, len(self.rate_sweep_keys(shown)),
-                                     self.state.slo())
 
     # -- queue position ------------------------------------------------------------------------
     # Bokeh's own periodic callback on the session's document, not Panel's wrapper: these run on

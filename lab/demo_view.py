@@ -10,6 +10,7 @@ from lab.content import Content
 from lab.demo import DemoController, frozen
 from lab.prediction import attach_prediction_gate
 from lab.sections import section_heading
+from widgets.inquiry import PLOT_TITLES
 
 STATUS_TEXT = {
     "idle": "Waiting for the first run.",
@@ -137,14 +138,9 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
     results = pn.Column(
         demo.summary,
         pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
-            plot_card("Latency per request", demo.latency, "latency"),
-            plot_card("Step timeline", demo.timeline, "timeline"),
-            plot_card("KV memory over steps", demo.kv_memory, "kv_memory"),
-            plot_card("Page map", demo.page_map, "page_map"),
-            plot_card("Running and waiting", demo.queue, "queue"),
-            plot_card("Static against continuous batching", demo.policy, "policy"),
-            plot_card("TPOT against batch size", demo.tpot_batch, "tpot_batch"),
-            plot_card("Goodput against arrival rate", demo.goodput_rate, "goodput_rate"),
+            *(plot_card(PLOT_TITLES[plot.plot_id], plot, plot.plot_id) for plot in (
+                demo.latency, demo.timeline, demo.kv_memory, demo.page_map, demo.queue,
+                demo.policy, demo.tpot_batch, demo.goodput_rate)),
             gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),
         sizing_mode="stretch_width")
     parts += [demo.banner, demo.link_notice, controls(demo, content), status_line(demo),

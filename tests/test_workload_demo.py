@@ -127,7 +127,7 @@ def bound_run():
     service = EngineService()
     state = LabState(batch=8, requests=8, context=16, output=40, page=16, kv_mb=1)
     demo = DemoController(state, service, ModelShelf("cpu"), Limits(device="cpu"))
-    demo.rate_sweep_keys = lambda key: []  # the rate sweep has a test of its own below
+    demo.sweeps.rate_keys = lambda key: []  # the rate sweep has a test of its own below
     demo.start()
     assert service.wait_idle(300)
     yield demo
@@ -181,7 +181,7 @@ def test_rate_sweep_measures_goodput_at_each_rate():
     service = EngineService()
     state = LabState(batch=4, requests=4, context=16, output=4, page=16)
     demo = DemoController(state, service, ModelShelf("cpu"), Limits(device="cpu", max_run_s=4))
-    keys = demo.rate_sweep_keys(state.key())
+    keys = demo.sweeps.rate_keys(state.key())
     assert keys and all(check_run(k, demo.limits) is None for k in keys)
     from engine.workload import draw_shape
     assert len(keys) >= 3 and all(max(draw_shape(k.workload()).arrivals_s) <= 4 for k in keys)

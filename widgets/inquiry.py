@@ -16,7 +16,9 @@ import param
 
 PLOT_TITLES = {"latency": "Latency per request", "timeline": "Step timeline",
                "kv_memory": "KV memory over steps", "page_map": "Page map",
-               "tpot_batch": "TPOT against batch size"}  # the demo's plot headings
+               "queue": "Running and waiting", "policy": "Static against continuous batching",
+               "tpot_batch": "TPOT against batch size",
+               "goodput_rate": "Goodput against arrival rate"}  # the demo's plot headings
 # Find an id anywhere in the document, shadow roots included, scroll to it and flash its card.
 SCROLL_JS = (
     "const find=(r,id)=>{const e=r.getElementById?r.getElementById(id):null;if(e)return e;"
