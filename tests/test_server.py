@@ -68,6 +68,8 @@ def test_models_and_health(server):
     data = json.loads(body)["data"]
     assert status == 200 and data[0]["id"] == "tiny" and data[0]["root"] == "tiny"
     assert get(server.port, "/health")[0] == 200
+    status, body = get(server.port, "/v1/nothing")
+    assert status == 404 and json.loads(body)["error"]["type"] == "NotFoundError"
 
 
 def test_greedy_tokens_through_http_equal_engine_run(server):
