@@ -20,17 +20,26 @@ from pathlib import Path
 import numpy as np
 
 
+def last_logits(llm) -> np.ndarray:
+    """The logits of the last evaluated position, read in place: (vocab,). (`Llama.eval` keeps
+    logits only when every position's are asked for, which would cost a copy per position.)"""
+    import llama_cpp
+
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                 shape=(llm.n_vocab(),))
+
+
 def greedy(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], list[float], float]:
     """Greedy tokens after `prompt` from an empty cache; returns the tokens, the time each became
     known (seconds from the start of the prompt) and the prompt's evaluation time."""
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+    tokens = [int(np.argmax(last_logits(llm)))]
     times = [time.perf_counter() - t0]
     while len(tokens) < new_tokens:
         llm.eval(tokens[-1:])
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        tokens.append(int(np.argmax(last_logits(llm))))
         times.append(time.perf_counter() - t0)
     return tokens, times, times[0]
 
