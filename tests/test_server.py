@@ -226,3 +226,16 @@ def test_a_checkpoint_directorys_own_tokenizer_is_used(tmp_path):
     codec = for_model(str(tmp_path), preset("tiny"))
     assert codec.eos_token_id == 2
     assert codec.render_chat([{"role": "user", "content": "hi"}]) == "Q: hi"
+
+
+def test_streamed_text_adds_up_to_the_whole_text():
+    import random
+    from engine.server.handlers import Detokenizer
+    from engine.server.tokenizer import built
+    codec = built(512, 8192)
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(4, 512) for _ in range(rng.randrange(1, 40))]
+        detok = Detokenizer(codec)
+        deltas = [detok.add([t], i == len(ids) - 1) for i, t in enumerate(ids)]
+        assert "".join(deltas) == codec.decode(ids)

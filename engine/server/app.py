@@ -65,7 +65,7 @@ def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.
 
     loop = EngineLoop(engine, metrics, aio.call_soon_threadsafe,
                       write_record if trace_out is not None else None)
-    state = ServerState(loop, codec, model, engine.max_len, max_waiting, trace_out)
+    state = ServerState(loop, codec, model, engine.max_len, max_waiting)
     server = tornado.httpserver.HTTPServer(make_app(state))
     server.add_sockets(sockets)
     loop.start()

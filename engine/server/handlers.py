@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any
 
 import tornado.web
 from tornado.iostream import StreamClosedError
@@ -33,24 +33,32 @@ class ServerState:
     model: str  # the id clients name (`data[0].id`); also its `root`
     max_len: int
     max_waiting: int  # requests queued past this get 503
-    trace_out: TextIO | None = None  # finished requests' records, one JSON line each
     draining: bool = False  # SIGTERM came: no new requests
     active: set = field(default_factory=set)  # handlers with a request in the engine
 
 
 class Detokenizer:
-    """Text of a growing list of ids, handed out as deltas; a cut UTF-8 character waits a token."""
+    """Text of a growing list of ids, handed out as deltas; a cut UTF-8 character waits a token.
+
+    Each call decodes a short window, not the whole output: the tokens of the previous delta (as
+    context, since some tokenizers drop a leading space when a piece is decoded alone) and the
+    new ones. The delta is what the new ones add to the window's text.
+    """
 
     def __init__(self, codec: TextCodec) -> None:
-        self.codec, self.ids, self.text = codec, [], ""
+        self.codec = codec
+        self.ids: list[int] = []
+        self.start = 0  # window start: the first token of the last delta
+        self.sent = 0  # tokens whose text has been handed out
 
     def add(self, ids: list[int], final: bool) -> str:
         self.ids += ids
-        full = self.codec.decode(self.ids)
-        if full.endswith("\ufffd") and not final:  # a byte token that starts a character
+        before = self.codec.decode(self.ids[self.start:self.sent])
+        text = self.codec.decode(self.ids[self.start:])
+        if text.endswith("\ufffd") and not final:  # a byte token that starts a character
             return ""
-        delta, self.text = full[len(self.text):], full
-        return delta
+        self.start, self.sent = self.sent, len(self.ids)
+        return text[len(before):]
 
 
 class JsonHandler(tornado.web.RequestHandler):
