@@ -137,7 +137,7 @@ def test_prepared_cpu_matrices_share_one_arena(model: Llama) -> None:
     high = max(m.data_ptr() + m.nbytes for m in mats)
     packed = sum(HugePageArena.size_of(m.shape, m.dtype) for m in mats)
     assert high - low <= packed  # back to back in one region, not scattered allocations
-    assert all(m.is_contiguous() for m in mats)  # (out, in), as torch's products read them
+    assert all(m.t().is_contiguous() for m in mats)  # stored (in, out), as the products read them
     assert model.state_dict()["model.layers.0.self_attn.k_proj.weight"].shape == (
         CFG.num_key_value_heads * CFG.head_dim, CFG.hidden_size)
 

@@ -59,7 +59,8 @@ class CpuDecoder:
             for layer in model.model.layers]
         self.norm = model.model.norm.weight.detach().numpy()
         self.lm_head = WeightProduct(model.lm_head.weight)
-        self.embed = model.model.embed_tokens.weight.detach().numpy()  # (vocab, d), row-major
+        table = model.model.embed_tokens.weight if model.embed_rows is None else model.embed_rows
+        self.embed = table.detach().numpy()  # (vocab, d), row-major
         self.cos = model.rotary.cos.numpy()  # (max_pos, D)
         self.sin = model.rotary.sin.numpy()
 

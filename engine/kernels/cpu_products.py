@@ -5,7 +5,7 @@ streams a matrix once for a single row (its matrix-vector kernel), but for two r
 its matrix-matrix kernel, which first copies ("packs") the whole matrix into blocks, on every call.
 Measured on the 2-core development box (one thread, CPU time of the 33 products of a `cpu-30m`
 step, two runs): OpenBLAS 6.8-8.4 ms at batch 1 and 18.5-21.1 ms at batch 2; torch's CPU BLAS (MKL
-on x86) on the same weights stored (out, in), 7.7-10.2 ms and 7.8-10.4 ms. So a batch-2 run had a
+on x86) on the same weights, 7.7-10.2 ms and 7.8-10.4 ms. So a batch-2 run had a
 lower throughput than a batch-1 run, and every product now goes through torch.
 
 `WeightProduct` holds the weight as it will be read (a torch view of the model's own memory: no
@@ -22,14 +22,10 @@ class WeightProduct:
     """`x @ weight.T` for numpy rows x: (B, in) -> (B, out), through torch's CPU BLAS."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        if weight.dim() != 2 or not weight.is_contiguous():
-            raise ValueError("a weight product needs a contiguous (out, in) matrix")
-        self.weight = weight.detach()  # (out, in), shares the model's memory
-        self.rows_t = self.weight.t()  # (in, out) view: torch.mm reads it in place
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape)
+        if weight.dim() != 2:
+            raise ValueError(f"a weight product needs an (out, in) matrix, got {weight.dim()} dims")
+        self.weight = weight.detach()  # (out, in) shape, any layout; shares the model's memory
+        self.columns = self.weight.t()  # (in, out): contiguous as `Llama.prepare` stores it
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return torch.mm(torch.from_numpy(x), self.rows_t).numpy()
+        return torch.mm(torch.from_numpy(x), self.columns).numpy()
