@@ -63,6 +63,14 @@ def test_openai_client_streams_a_completion(client):
     assert whole.choices[0].text == "".join(c.choices[0].text for c in texts)
 
 
+def test_max_completion_tokens_and_usage_without_streaming(client):
+    answer = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=3,
+        temperature=0, extra_body={"ignore_eos": True})
+    assert answer.object == "chat.completion" and answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 3 and answer.choices[0].message.role == "assistant"
+
+
 def test_models_and_health(server):
     status, body = get(server.port, "/v1/models")
     data = json.loads(body)["data"]

@@ -47,9 +47,11 @@ def add_commands(sub: argparse._SubParsersAction, positive_int, finite_float) ->
 
 
 def _model_config(model: str):
+    """The model's shapes, from a preset or a checkpoint's config.json, without its weights."""
+    import json
+
     from engine.config import preset
     from engine.weights import config_from_hf
-    import json
 
     path = Path(model)
     if (path / "config.json").is_file():
