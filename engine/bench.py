@@ -83,10 +83,14 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
     output_len = 16 if quick else 64
     prompt_len = 128
     mixed_batch = 8
+    # The sweep's token budget fits every prompt of the largest batch into the first step, so
+    # that TPOT times decode steps only, as the floors do. (With a budget of 512, batch 32's
+    # prompts take eight steps, and the decodes of the first requests wait behind seven of them.)
     engine = LLMEngine(EngineConfig(model=model, device=device, max_num_seqs=max(SWEEP_BATCHES),
-                                    max_num_batched_tokens=512))
+                                    max_num_batched_tokens=max(SWEEP_BATCHES) * prompt_len))
     # The mixed workload's batch cap matches Hugging Face's static batches; same weights.
-    capped = LLMEngine(engine.config.with_(max_num_seqs=mixed_batch), model=engine.model)
+    capped = LLMEngine(engine.config.with_(max_num_seqs=mixed_batch, max_num_batched_tokens=512),
+                       model=engine.model)
     log(f"device {engine.device_name}, model {model}")
     probe = analytic.probe(engine.device.type)
     reads = ", ".join(f"{r:.1f}" for r in probe.read_samples_gbs)
