@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from engine.config import ConfigError, EngineConfig
+from engine.cpu_threads import set_blas_threads
 from engine.gguf_export import write_gguf
 from engine.hf_peer import plain_state
 from engine.llm_engine import LLMEngine
@@ -49,6 +50,8 @@ def run_llamacpp(engine: LLMEngine, jobs: dict, timeout_s: float = 1800) -> dict
 def run(model: str, quick: bool, threads: int | None = None) -> dict:
     repeats = 1 if quick else 3
     new_tokens = 16 if quick else 64
+    if threads is not None:  # both sides on the same number of threads
+        set_blas_threads(threads)
     engine = LLMEngine(EngineConfig(model=model, device="cpu", max_num_seqs=8))
     vocab = engine.model_config.vocab_size
     checks = make_requests(WorkloadSpec(num_requests=3, prompt_len=24, output_len=12, seed=7), vocab)
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.bench_llamacpp",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
-    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: one per core)")
+    parser.add_argument("--threads", type=int,
+                        help="threads for llama.cpp and the engine (default: one per core)")
     parser.add_argument("--quick", action="store_true", help="16 new tokens, one repeat")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
