@@ -62,8 +62,9 @@ class GoodputRatePlot(PlotComponent):
         self.traces: dict[float, Trace] = {}
         self.expected = 0  # rates the sweep will measure
         self.source = ColumnDataSource(data=empty(COLUMNS))
+        # A log axis needs a positive range before any data: BokehJS cannot auto-range an empty one.
         self.fig = make_figure(TITLE, "arrival rate (requests/s, log scale)", "goodput (req/s)",
-                               height=280, x_axis_type="log")
+                               height=280, x_axis_type="log", x_range=Range1d(0.2, 80))
         self.fig.y_range = Range1d(0, 1)
         self.fig.extra_y_ranges = {"share": Range1d(0, 105)}
         self.fig.add_layout(LinearAxis(y_range_name="share", axis_label="SLO attainment (%)"),
@@ -112,6 +113,8 @@ class GoodputRatePlot(PlotComponent):
                             "goodput": [p.goodput for p in points],
                             "attainment": [100 * p.attainment for p in points],
                             "throughput": [p.throughput for p in points]}
+        if points:
+            self.fig.x_range.update(start=points[0].rate / 1.4, end=points[-1].rate * 1.4)
         top = max((max(p.goodput, p.throughput) for p in points), default=1.0)
         self.fig.y_range.end = top * 1.15 or 1.0
         best = knee(points)

@@ -84,13 +84,13 @@ class KVMemoryPlot(PlotComponent):
         lines = []
         for column, label, color, dash in (
                 ("capacity", "capacity", TARGET, "dashed"),
-                ("contiguous", "contiguous baseline (model max length each)", NEUTRAL,
+                ("contiguous", "contiguous (max length each)", NEUTRAL,
                  "dotdash"),
                 ("used", "allocated (paged)", MET, "solid"),
                 ("stored", "holding tokens", PREFILL, "solid")):
             lines.append(self.measured_fig.line("step", column, source=self.source, color=color,
                                                 line_dash=dash, line_width=2, legend_label=label))
-        legend_below(self.measured_fig, ncols=2)
+        legend_below(self.measured_fig, ncols=1)
         add_hover(self.measured_fig, [lines[2]], MEASURED_TIPS)
 
         self.reference_fig = make_figure("Formula (reference 80-layer model)", "engine step",
@@ -102,8 +102,8 @@ class KVMemoryPlot(PlotComponent):
                                        color=MET, alpha=0.25)
         ref_line = self.reference_fig.line(
             "step", "reference", source=self.source, color=MET, line_width=2,
-            legend_label=("M_KV = 2·B·L·T·H_kv·d_head·s: B running sequences of T tokens on "
-                          "average, L=80, H_kv=8, d_head=128, s=2 (fp16)"))
+            # B and T are the run's (the text spells them out); the rest is the reference model's
+            legend_label="M_KV = 2·B·L·T·H_kv·d_head·s, L=80, H_kv=8, d_head=128, s=2")
         self.reference_fig.y_range.renderers = [ref, ref_line]
         legend_below(self.reference_fig, ncols=1)
         add_hover(self.reference_fig, [ref_line], REFERENCE_TIPS)

@@ -24,7 +24,7 @@ from widgets.summary_table import CSS  # the same table look as the run summary
 POLICIES = ("static", "continuous")
 LABELS = {"static": "Static", "continuous": "Continuous"}
 ROWS = ("Goodput (req/s)", "TTFT p90 (ms)", "TPOT p90 (ms)", "Throughput (tok/s)", "Duration (s)")
-COLUMNS = ("t", "running", "idle")
+COLUMNS = ("t", "mid", "width", "running", "idle")
 
 
 def row_values(summary: Summary) -> dict[str, float]:
@@ -35,10 +35,13 @@ def row_values(summary: Summary) -> dict[str, float]:
 
 
 def occupancy(trace: Trace) -> dict[str, list]:
-    """Per step: its start time, the sequences it ran, and the batch slots it left empty."""
+    """Per step: its start, middle and length in time, the sequences it ran, and the batch slots
+    it left empty."""
     cap = int(trace.config.get("max_num_seqs", 1))
     run = [len(s.scheduled) for s in trace.steps]
-    return {"t": [s.t_start for s in trace.steps], "running": run,
+    return {"t": [s.t_start for s in trace.steps],
+            "mid": [(s.t_start + s.t_end) / 2 for s in trace.steps],
+            "width": [s.t_end - s.t_start for s in trace.steps], "running": run,
             "idle": [max(0, cap - r) for r in run]}
 
 
@@ -60,8 +63,8 @@ class PolicyComparison(pn.viewable.Viewer):
         self.text_pane = pn.pane.Markdown(self.text, sizing_mode="stretch_width",
                                           css_classes=["plot-text", "policy-text"], margin=(0, 10))
         self.sources = {p: ColumnDataSource(data=empty(COLUMNS)) for p in POLICIES}
-        self.caps = {p: Span(dimension="width", line_color=NEUTRAL, line_dash="dashed",
-                             line_width=2) for p in POLICIES}
+        self.caps = {p: Span(dimension="width", location=1, line_color=NEUTRAL, line_dash="dashed",
+                             line_width=2, visible=False) for p in POLICIES}
         shared_x = DataRange1d(start=0, range_padding=0.02)
         shared_y = Range1d(0, 1)
         self.figs = {}
@@ -69,11 +72,10 @@ class PolicyComparison(pn.viewable.Viewer):
             fig = make_figure(f"{LABELS[policy]} batching: sequences in each step", "time (s)",
                               "sequences", height=190, x_range=shared_x, y_range=shared_y)
             colour = PREFILL if policy == "static" else DECODE
-            fig.varea_step(x="t", y1=0, y2="running", source=self.sources[policy],
-                           step_mode="after", fill_color=colour, fill_alpha=0.35)
-            fig.step("t", "running", source=self.sources[policy], mode="after", color=colour,
-                     line_width=2)
-            bars = fig.scatter("t", "running", source=self.sources[policy], color=colour, size=3)
+            # One bar per step, as wide as the step took: gaps between bars are time the engine
+            # waited for arrivals, the band above a bar up to the cap is idle batch slots.
+            bars = fig.vbar(x="mid", width="width", top="running", source=self.sources[policy],
+                            fill_color=colour, fill_alpha=0.55, line_color=colour)
             fig.add_layout(self.caps[policy])
             add_hover(fig, [bars], [("t", "@t{0.000} s"), ("running", "@running"),
                                     ("idle slots", "@idle")])
@@ -105,7 +107,7 @@ class PolicyComparison(pn.viewable.Viewer):
         self.pending = pending
         self.sources[policy].data = occupancy(trace)
         cap = int(trace.config.get("max_num_seqs", 1))
-        self.caps[policy].location = cap
+        self.caps[policy].update(location=cap, visible=True)
         self._y_range.end = max(self._y_range.end, cap + 1)
         self.rejudge(slo)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import panel as pn
-from bokeh.models import ColumnDataSource, FixedTicker, Span
+from bokeh.models import ColumnDataSource, FixedTicker, Range1d, Span
 
 from engine.config import SLO
 from engine.metrics import Summary
@@ -40,8 +40,10 @@ class TPOTBatchPlot(PlotComponent):
         self._current_batch: int | None = None
         self._pending = False
         self._ridge: float | None = None
+        # A log axis needs a positive range before any data: BokehJS cannot auto-range an empty one.
         self.fig = make_figure(TITLE, "batch size (sequences decoding together, log scale)",
-                               "TPOT (ms)", height=300, x_axis_type="log")
+                               "TPOT (ms)", height=300, x_axis_type="log",
+                               x_range=Range1d(0.8, 80))
         self.fig.y_range.start = 0
         self._batch_ticks = FixedTicker(ticks=[])  # one model for good; see _redraw
         self.fig.xaxis.ticker = self._batch_ticks

@@ -53,7 +53,8 @@ def wait_sweep(page: Page, css: str) -> str:
     text = page.locator(css).first
     expect(text).to_contain_text("Measured", timeout=240_000)
     expect(text).not_to_contain_text("still filling in", timeout=240_000)
-    return text.inner_text()
+    # Panel renders the pane in a shadow root: the host's own inner text is empty.
+    return " ".join(page.locator(css + " p").all_inner_texts())
 
 
 def test_goodput_against_rate_renders_with_its_knee(demo):
