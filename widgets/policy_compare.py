@@ -19,7 +19,9 @@ from engine.config import SLO
 from engine.metrics import Summary, summarize
 from engine.records import Trace
 from widgets.style import DECODE, NEUTRAL, PREFILL, WAITING, add_hover, empty, fmt_num, make_figure
-from widgets.summary_table import CSS  # the same table look as the run summary
+from widgets.summary_table import CSS as SUMMARY_CSS
+
+CSS = SUMMARY_CSS.replace("summary-table", "policy-table")  # the run summary's look
 
 POLICIES = ("static", "continuous")
 LABELS = {"static": "Static", "continuous": "Continuous"}
@@ -133,7 +135,7 @@ class PolicyComparison(pn.viewable.Viewer):
         rows = "".join(f'<tr><th scope="row">{html.escape(r)}</th>'
                        + "".join(f"<td>{cell(r, p)}</td>" for p in POLICIES) + "</tr>"
                        for r in ROWS)
-        return (f'<table class="summary-table policy-table"><caption>The same requests, both policies'
+        return (f'<table class="policy-table"><caption>The same requests, both policies'
                 f'</caption><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>')
 
     def _describe(self) -> str:
