@@ -123,7 +123,8 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
     return {
         "device": engine.device_name,
         "model": model,
-        "roofline": {"bandwidth_gbs": probe.bandwidth_gbs, "tpot_floor_ms": b1["bandwidth_floor_ms"],
+        "roofline": {"bandwidth_gbs": probe.bandwidth_gbs,
+                     "tpot_floor_ms": b1["bandwidth_floor_ms"],
                      "tpot_ms": b1["tpot_ms"], "ratio": b1["tpot_ms"] / b1["bandwidth_floor_ms"],
                      "bandwidth_samples_gbs": list(probe.read_samples_gbs)},
         "sweep": sweep,
@@ -157,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"TPOT batch 1: {r['tpot_ms']:.2f} ms, floor {r['tpot_floor_ms']:.2f} ms "
               f"at {r['bandwidth_gbs']:.1f} GB/s (ratio {r['ratio']:.2f})")
         for e in out["sweep"]:
-            print(f"batch {e['batch']:2d}: TPOT {e['tpot_ms']:6.2f} ms, floor {e['floor_ms']:6.2f} ms "
-                  f"(ratio {e['ratio']:.2f}), {e['throughput_tok_s']:7.1f} output tok/s")
+            print(f"batch {e['batch']:2d}: TPOT {e['tpot_ms']:6.2f} ms, "
+                  f"floor {e['floor_ms']:6.2f} ms (ratio {e['ratio']:.2f}), "
+                  f"{e['throughput_tok_s']:7.1f} output tok/s")
         print(f"engine / HF: TPOT b1 {v['tpot_ratio_b1']:.2f}, TPOT b8 {v['tpot_ratio_b8']:.2f}, "
               f"mixed throughput {v['throughput_ratio_mixed']:.2f}x")
     return 0

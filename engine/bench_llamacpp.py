@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 from engine.config import ConfigError, EngineConfig
 from engine.cpu_threads import set_blas_threads
 from engine.gguf_export import write_gguf
-from engine.hf_peer import plain_state
+from engine.hf_peer import plain_state, run_child
 from engine.llm_engine import LLMEngine
 from engine.metrics import summarize
 from engine.workload import WorkloadSpec, make_requests
@@ -37,14 +35,7 @@ def run_llamacpp(engine: LLMEngine, jobs: dict, timeout_s: float = 1800) -> dict
         folder = Path(tmp)
         write_gguf(folder / "model.gguf", state, engine.model_config)
         (folder / "jobs.json").write_text(json.dumps(jobs))
-        # engine/__init__.py set OMP_WAIT_POLICY for the engine's threads; llama.cpp's OpenMP
-        # threads get their own default.
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        proc = subprocess.run([sys.executable, "-P", str(CHILD), str(folder)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp child failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return run_child(CHILD, folder, timeout_s)  # llama.cpp's OpenMP threads get its defaults
 
 
 def run(model: str, quick: bool, threads: int | None = None) -> dict:
@@ -54,7 +45,8 @@ def run(model: str, quick: bool, threads: int | None = None) -> dict:
         set_blas_threads(threads)
     engine = LLMEngine(EngineConfig(model=model, device="cpu", max_num_seqs=8))
     vocab = engine.model_config.vocab_size
-    checks = make_requests(WorkloadSpec(num_requests=3, prompt_len=24, output_len=12, seed=7), vocab)
+    checks = make_requests(WorkloadSpec(num_requests=3, prompt_len=24, output_len=12, seed=7),
+                           vocab)
     tpot_spec = WorkloadSpec(num_requests=1, prompt_len=128, output_len=new_tokens, seed=11)
     tpot_prompt = make_requests(tpot_spec, vocab)[0].prompt_ids
     theirs = run_llamacpp(engine, {

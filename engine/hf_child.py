@@ -1,16 +1,15 @@
 """The Hugging Face side of the benchmark, run in a child process that never imports `engine`.
 
-Run as a script: `python -P engine/hf_child.py DIR`. DIR holds `config.json` (a `LlamaConfig`),
-`model.safetensors` and `jobs.json`, written by `engine.hf_peer.run_peer`; the results go to stdout
-as one JSON object. Why a separate process: importing `engine` sets `OMP_WAIT_POLICY=PASSIVE` (the
-engine mixes OpenMP and OpenBLAS threads; see `engine/__init__.py`), and runs hold torch to one
-thread. Hugging Face `generate()` is all torch and was measured slower under either (batch-8 TPOT
-17.7 ms inside the benchmark against 13.3 ms standalone). Here it gets a process of its own with
-torch's default threads, as a user of transformers would run it. `-P` keeps this file's directory
-off `sys.path`, so none of the engine's modules can shadow a library's.
+`engine.hf_peer.run_peer` writes DIR (`config.json` for a `LlamaConfig`, `model.safetensors`,
+`jobs.json`) and runs this file as a script with DIR as its one argument (`run_child`); the
+results go to stdout as one JSON object. Why a separate process: importing `engine` sets
+`OMP_WAIT_POLICY=PASSIVE` (see `engine/__init__.py`) and engine runs size torch's threads for
+themselves. Hugging Face `generate()` is all torch and was measured slower in the engine's process
+(batch-8 TPOT 17.7 ms inside the benchmark against 13.3 ms standalone). Here it gets a process of
+its own with torch's default threads, as a user of transformers would run it.
 
-This module imports only torch, safetensors and transformers; `engine.bench` also imports its timing
-functions for in-process use (tests).
+This module imports only torch, safetensors and transformers; tests also import its timing
+functions for in-process use.
 """
 from __future__ import annotations
 
@@ -102,8 +101,9 @@ def load_peer(folder: Path, device: str):
     peer = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     # A tied LM head is not in the file (safetensors stores no shared tensors); tying restores it.
     missing, unexpected = peer.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k.endswith("rotary_emb.inv_freq")
-                                          or (k == "lm_head.weight" and config.tie_word_embeddings))]
+    tied = config.tie_word_embeddings
+    missing = [k for k in missing
+               if not (k.endswith("rotary_emb.inv_freq") or (k == "lm_head.weight" and tied))]
     if missing or unexpected:
         raise RuntimeError(f"peer weights do not line up: missing {missing}, extra {unexpected}")
     peer.tie_weights()

@@ -74,11 +74,22 @@ def run_peer(model: Llama, jobs: list[dict], timeout_s: float = 3600) -> dict[st
         (folder / "jobs.json").write_text(json.dumps({
             "device": str(param.device), "dtype": str(param.dtype).removeprefix("torch."),
             "jobs": jobs}))
-        # engine/__init__.py set OMP_WAIT_POLICY for the engine's own threads; the peer gets
-        # OpenMP's default, as it would outside this project.
-        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        proc = subprocess.run([sys.executable, "-P", str(CHILD), str(folder)], env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        return run_child(CHILD, folder, timeout_s)
+
+
+def run_child(script: Path, folder: Path, timeout_s: float) -> dict[str, Any]:
+    """Run `script` with `folder` as its argument in a fresh interpreter that does not import
+    `engine`, and return the JSON object it prints last.
+
+    The script runs through runpy from inside `folder`, so neither the repository nor the
+    script's own directory (`engine/`) is on its `sys.path`, where a module of ours could shadow
+    a library's. engine/__init__.py set OMP_WAIT_POLICY for the engine's own threads; the child
+    gets OpenMP's default, as it would outside this project."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    launcher = ("import runpy, sys; sys.argv = sys.argv[1:]; "  # argv as if run as a file
+                "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", launcher, str(script), str(folder)], cwd=folder,
+                          env=env, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
-        raise RuntimeError(f"the Hugging Face peer failed: {proc.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"{script.name} failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

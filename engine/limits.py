@@ -79,8 +79,8 @@ def check_run_sizes(cfg: EngineConfig, spec: WorkloadSpec, model_cfg: ModelConfi
                               f"{block_bytes} bytes; raise the budget or lower the page size")
         if cfg.kv_budget_bytes < need:
             blocks = cfg.kv_budget_bytes // block_bytes
-            raise ConfigError(f"--kv-budget-mb {cfg.kv_budget_bytes / 2**20:g}: the KV budget holds "
-                              f"{blocks} blocks of {cfg.block_size} tokens; one request needs "
+            raise ConfigError(f"--kv-budget-mb {cfg.kv_budget_bytes / 2**20:g}: the KV budget "
+                              f"holds {blocks} blocks of {cfg.block_size} tokens; one request needs "
                               f"{fewest}")
         if free_bytes is not None and cfg.kv_budget_bytes > free_bytes:
             raise ConfigError(f"--kv-budget-mb {cfg.kv_budget_bytes / 2**20:g} is more than the "

@@ -1,10 +1,11 @@
 """llama.cpp's side of `engine.bench_llamacpp`, run in a child process that never imports `engine`.
 
-Run as a script: `python -P engine/llamacpp_child.py DIR`, where DIR holds `model.gguf` (written
-by `engine.gguf_export`) and `jobs.json`; one JSON object goes to stdout. A process of its own
-because importing `engine` sets `OMP_WAIT_POLICY=PASSIVE`, which llama.cpp's OpenMP threads would
-obey too; here llama.cpp runs as a user would run it, with one thread per core. Imports only
-numpy and `llama_cpp` (the `llamacpp` extra).
+`engine.bench_llamacpp` writes DIR (`model.gguf` from `engine.gguf_export`, and `jobs.json`) and
+runs this file as a script with DIR as its one argument (`engine.hf_peer.run_child`); one JSON
+object goes to stdout. A process of its own because importing `engine` sets
+`OMP_WAIT_POLICY=PASSIVE`, which llama.cpp's OpenMP threads would obey too; here llama.cpp runs as
+a user would run it, with one thread per core unless told otherwise. Imports only numpy and
+`llama_cpp` (the `llamacpp` extra).
 
 Token ids go in and come out directly (the GGUF's vocabulary is a placeholder); sampling is
 greedy, by argmax over the last position's logits, as the engine's is.

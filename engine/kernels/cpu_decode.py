@@ -55,7 +55,8 @@ class CpuDecoder:
                    WeightProduct(layer.self_attn.qkv_weight),
                    WeightProduct(layer.self_attn.o_proj.weight),
                    layer.post_attention_layernorm.weight.detach().numpy(),
-                   WeightProduct(layer.mlp.gate_up_weight), WeightProduct(layer.mlp.down_proj.weight))
+                   WeightProduct(layer.mlp.gate_up_weight),
+                   WeightProduct(layer.mlp.down_proj.weight))
             for layer in model.model.layers]
         self.norm = model.model.norm.weight.detach().numpy()
         self.lm_head = WeightProduct(model.lm_head.weight)
@@ -141,7 +142,8 @@ class _Attention:
             n = self.lens[0]
             k = _pages(keys, self.table).reshape(-1, hkv, d)[:n]  # (n, Hkv, D)
             v = _pages(values, self.table).reshape(-1, hkv, d)[:n]
-            return _softmax_product(np.matmul(q[0], k.transpose(1, 2, 0)), v.transpose(1, 0, 2))[None]
+            scores = np.matmul(q[0], k.transpose(1, 2, 0))  # (Hkv, G, n)
+            return _softmax_product(scores, v.transpose(1, 0, 2))[None]
         out = np.empty_like(q)
         for start, stop, table, mask in self.chunks:
             b = stop - start
