@@ -65,6 +65,7 @@ class EngineService:
         self._order: deque[str] = deque()  # round robin over sessions with a waiting job
         self._background: deque[Job] = deque()
         self._current: Job | None = None
+        self._notifying = 0  # finished jobs whose listeners are being told, for stats()
         self._cache: OrderedDict[object, Trace] = OrderedDict()
         self._cache_size = cache_size
         self._thread: threading.Thread | None = None
@@ -229,16 +230,22 @@ class EngineService:
                         job.yielded, job.steps, job.cancel = False, [], threading.Event()
                         self._background.appendleft(job)
                 continue
+            # In one locked step: the result is cached, the job stops being current and its
+            # listeners are taken. A session that asks for this key from now on finds the cache
+            # (or, after a failure, starts a new run), and one that moves on no longer finds the
+            # job to answer "cancelled": every listener hears exactly once.
             with self._cond:
                 if outcome.trace is not None:
                     self._cache[job.key] = outcome.trace
                     while len(self._cache) > self._cache_size:
                         self._cache.popitem(last=False)
-                listeners = list(job.listeners)
+                listeners, job.listeners = job.listeners, []
+                self._current = None
+                self._notifying += 1
             for listener in listeners:
                 self._notify(listener, outcome)
             with self._cond:  # only now idle: wait_idle() then also covers the notifications
-                self._current = None
+                self._notifying -= 1
 
     def _execute(self, job: Job) -> Outcome:
         def on_step(step: StepRecord) -> None:
@@ -273,7 +280,8 @@ class EngineService:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"waiting": len(self._order), "background": len(self._background),
-                    "running": int(self._current is not None), "cached": len(self._cache),
+                    "running": int(self._current is not None or self._notifying > 0),
+                    "cached": len(self._cache),
                     "runs_started": self.runs_started,
                     "worker_alive": int(self._thread is not None and self._thread.is_alive())}
 

@@ -192,3 +192,23 @@ def test_real_engine_runs_through_the_service(service):
     trace = got[0].trace
     assert [len(r.output_ids) for r in trace.requests] == [3, 3]
     assert len(steps) == len(trace.steps) > 0
+
+
+def test_a_move_while_a_result_is_being_told_does_not_answer_twice():
+    """A session moves on at the moment its finished run is reported (here: from inside the
+    report, so the timing is certain). The finished run must not also answer it "cancelled"."""
+    service = EngineService()
+    heard: list[Outcome] = []
+
+    def on_done(outcome: Outcome) -> None:
+        heard.append(outcome)
+        if len(heard) == 1:  # the learner moves a slider just as the result arrives
+            service.submit("s", "next", lambda on_step, cancel: fake_trace("next"),
+                           lambda o: None)
+
+    service.submit("s", "first", lambda on_step, cancel: fake_trace("first"), on_done)
+    try:
+        assert service.wait_idle(10)
+        assert len(heard) == 1 and heard[0].trace is not None
+    finally:
+        service.stop()
