@@ -17,7 +17,8 @@ from engine import analytic
 from engine.metrics import summarize
 from engine.records import Trace
 from lab.runs import (SWEEP_BATCHES, SWEEP_RATES, RunKey, bytes_per_elem, check_run, floors_ms,
-                      other_policy_key, rate_key, ridge_batch, sweep_key)
+                      kv_capacity_bytes, kv_need_bytes, other_policy_key, rate_key, ridge_batch,
+                      sweep_key)
 from lab.service import Outcome
 
 if TYPE_CHECKING:
@@ -75,7 +76,14 @@ class BackgroundRuns:
     def _start_policy_comparison(self, key: RunKey) -> None:
         demo = self.demo
         other = other_policy_key(key).with_(repeat=0)
-        wanted = other.policy not in demo.policy.traces and check_run(other, demo.limits) is None
+        # Every request at once, in one batch, with room for all at full length: both policies
+        # schedule the very same steps.
+        cfg, elem = demo.shelf.get(key.model).config, bytes_per_elem(demo.shelf.device)
+        same = (key.rate == 0 and key.requests <= key.batch
+                and kv_need_bytes(key, cfg, elem) <= kv_capacity_bytes(key, cfg, elem))
+        wanted = (not same and other.policy not in demo.policy.traces
+                  and check_run(other, demo.limits) is None)
+        demo.policy.same_steps = same
         demo.policy.show(key.policy, demo.trace, demo.state.slo(),
                          pending=other.policy if wanted else "")
         if wanted:

@@ -246,3 +246,18 @@ def test_storyboard_shows_evictions_and_the_recompute_they_cost(bound_run):
             redone += item.num_tokens
         assert redone == event.tokens > 0
         assert f"{event.tokens} tokens" in event.text()
+
+
+def test_one_batch_of_requests_with_room_is_not_run_twice():
+    service = EngineService()
+    state = LabState(batch=4, requests=4, context=16, output=4, page=16)
+    demo = DemoController(state, service, ModelShelf("cpu"), Limits(device="cpu"))
+    demo.sweeps.rate_keys = lambda key: []
+    demo.start()
+    try:
+        assert service.wait_idle(300)
+        assert set(demo.policy.traces) == {"continuous"}
+        assert "schedule the very same steps" in demo.policy.text
+        assert service.cached(state.key().with_(policy="static")) is None
+    finally:
+        service.stop()

@@ -60,6 +60,7 @@ class PolicyComparison(pn.viewable.Viewer):
         self.traces: dict[str, Trace] = {}
         self.values: dict[str, dict[str, float]] = {}
         self.pending = ""  # the policy still being measured, if any
+        self.same_steps = False  # the workload fits one batch: the other policy is not measured
         self.table = pn.pane.HTML(self._render(), stylesheets=[CSS], name="policy-table",
                                   sizing_mode="stretch_width")
         self.text_pane = pn.pane.Markdown(self.text, sizing_mode="stretch_width",
@@ -141,6 +142,10 @@ class PolicyComparison(pn.viewable.Viewer):
     def _describe(self) -> str:
         if not self.values:
             return WAITING
+        if len(self.values) < 2 and self.same_steps:
+            return ("Every request arrives at once and fits one batch, so static and continuous "
+                    "batching schedule the very same steps; the other policy is not measured. "
+                    "Send more requests than the batch size, or spread them with a rate.")
         if len(self.values) < 2:
             return ("Measuring the other policy on the same requests; its column fills in when "
                     "the engine is free.")
