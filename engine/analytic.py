@@ -1,4 +1,4 @@
-"""The page's formulas as code, and a one-time probe of the device they are compared against.
+"""The page's formulas as code, and the shape of the device figures they are compared against.
 
 Symbols match the math section: B sequences, L layers, T tokens, H_kv KV heads, d_head head size,
 s bytes per element, P tokens per page. The page shows these functions' own source and runs them
@@ -6,13 +6,8 @@ on the slider values, so the formulas cannot drift from what is displayed.
 """
 from __future__ import annotations
 
-import functools
 import math
-import statistics
-import time
 from dataclasses import dataclass
-
-import torch
 
 from engine.config import ModelConfig
 
@@ -77,42 +72,3 @@ class DeviceProbe:
     @property
     def flops_per_s(self) -> float:
         return self.matmul_tflops * 1e12
-
-
-def _times(fn, device: torch.device, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn`, after one warm-up call. The probe takes their
-    median, not the best: on a shared host a reading can come out far above what the memory
-    sustains (two benchmark runs' probes said 48-51 GB/s on a host whose reads otherwise
-    measure 24-32), and a floor resting on the best repeat inherits any such outlier."""
-    fn()  # warm caches and allocators
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-@functools.lru_cache(maxsize=None)
-def probe(device_type: str = "cpu") -> DeviceProbe:
-    """Measure the device once per process (the cache is the sharing, on purpose)."""
-    device = torch.device(device_type)
-    cuda = device.type == "cuda"
-    n_bytes = (1 << 30) if cuda else (256 << 20)  # far beyond any cache level
-    # Decode streams weights and KV in and writes almost nothing back, so the roofline's
-    # bandwidth is the read rate: bytes of a large buffer reduced per second.
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    reads = [n_bytes / t / 1e9 for t in _times(lambda: src.sum(), device, repeats=5)]
-    del src
-    dtype = torch.bfloat16 if cuda else torch.float32
-    n = 8192 if cuda else 1024
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    t_mm = statistics.median(_times(lambda: a @ b, device, repeats=5))
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU: {torch.get_num_threads()} threads"
-    return DeviceProbe(device=name, bandwidth_gbs=statistics.median(reads),
-                       matmul_tflops=2 * n**3 / t_mm / 1e12, read_samples_gbs=tuple(reads))

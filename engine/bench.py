@@ -19,7 +19,7 @@ import json
 import statistics
 import sys
 
-from engine import analytic
+from engine import analytic, device_probe
 from engine.config import ConfigError, EngineConfig
 from engine.hf_peer import run_peer
 from engine.llm_engine import LLMEngine
@@ -92,7 +92,7 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
     capped = LLMEngine(engine.config.with_(max_num_seqs=mixed_batch, max_num_batched_tokens=512),
                        model=engine.model)
     log(f"device {engine.device_name}, model {model}")
-    probe = analytic.probe(engine.device.type)
+    probe = device_probe.probe(engine.device.type)
     reads = ", ".join(f"{r:.1f}" for r in probe.read_samples_gbs)
     log(f"probe: {probe.bandwidth_gbs:.1f} GB/s (median of {reads}), "
         f"{probe.matmul_tflops:.3f} TFLOP/s")

@@ -34,6 +34,10 @@ class RequestRecord:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RequestRecord":
+        return cls(**d)
+
 
 @dataclass
 class ScheduledItem:
@@ -74,6 +78,10 @@ class StepRecord:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "StepRecord":
+        return cls(**{**d, "scheduled": [ScheduledItem(**item) for item in d["scheduled"]]})
+
 
 @dataclass
 class PageSnapshot:
@@ -88,6 +96,14 @@ class PageSnapshot:
     def waste(self, request_id: int) -> int:
         """Empty slots in this request's last block."""
         return len(self.tables[request_id]) * self.block_size - self.tokens[request_id]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "PageSnapshot":
+        """JSON turns the request ids that key the tables into strings; this turns them back."""
+        return cls(step_index=d["step_index"], block_size=d["block_size"],
+                   num_blocks=d["num_blocks"],
+                   tables={int(k): list(v) for k, v in d["tables"].items()},
+                   tokens={int(k): v for k, v in d["tokens"].items()})
 
 
 @dataclass
@@ -111,3 +127,12 @@ class Trace:
         out = asdict(self)
         out["peak_snapshot"] = asdict(self.peak_snapshot) if self.peak_snapshot else None
         return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Trace":
+        """The inverse of `to_json` (after a round trip through `json`): how a trace measured in
+        the engine server's process reaches the lab's page process."""
+        snapshot = d.get("peak_snapshot")
+        return cls(**{**d, "requests": [RequestRecord.from_json(r) for r in d["requests"]],
+                      "steps": [StepRecord.from_json(s) for s in d["steps"]],
+                      "peak_snapshot": PageSnapshot.from_json(snapshot) if snapshot else None})

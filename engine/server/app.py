@@ -20,15 +20,18 @@ import tornado.web
 from engine.llm_engine import LLMEngine
 from engine.records import RequestRecord
 from engine.server.engine_loop import EngineLoop
+from engine.server import lab_routes
 from engine.server.handlers import (GenerateHandler, HealthHandler, MetricsHandler,
                                     ModelsHandler, NotFound, ServerState)
 from engine.server.prometheus import ServerMetrics
 from engine.server.tokenizer import TextCodec
 
 
-def make_app(state: ServerState) -> tornado.web.Application:
+def make_app(state: ServerState, lab: lab_routes.LabRuns | None = None) -> tornado.web.Application:
+    """The OpenAI routes, /health and /metrics; and the lab's routes when `lab` is given."""
     args = {"state": state}
-    return tornado.web.Application([
+    extra = lab_routes.routes(lab) if lab is not None else []
+    return tornado.web.Application(extra + [
         (r"/v1/completions", GenerateHandler, args | {"chat": False}),
         (r"/v1/chat/completions", GenerateHandler, args | {"chat": True}),
         (r"/v1/models", ModelsHandler, args),
@@ -53,7 +56,8 @@ async def shutdown(state: ServerState, server: tornado.httpserver.HTTPServer,
 
 
 def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.socket],
-          max_waiting: int, trace_out: TextIO | None = None
+          max_waiting: int, trace_out: TextIO | None = None,
+          lab: lab_routes.LabRuns | None = None
           ) -> tuple[ServerState, tornado.httpserver.HTTPServer]:
     """Start the engine loop and answer HTTP on `sockets`; call from a running event loop."""
     aio = asyncio.get_running_loop()
@@ -66,17 +70,18 @@ def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.
     loop = EngineLoop(engine, metrics, aio.call_soon_threadsafe,
                       write_record if trace_out is not None else None)
     state = ServerState(loop, codec, model, engine.max_len, max_waiting)
-    server = tornado.httpserver.HTTPServer(make_app(state))
+    server = tornado.httpserver.HTTPServer(make_app(state, lab))
     server.add_sockets(sockets)
     loop.start()
     return state, server
 
 
 async def serve(engine: LLMEngine, codec: TextCodec, model: str, host: str, port: int,
-                max_waiting: int, grace_s: float, trace_out: TextIO | None) -> None:
+                max_waiting: int, grace_s: float, trace_out: TextIO | None,
+                lab: lab_routes.LabRuns | None = None) -> None:
     """Run until SIGTERM or SIGINT; prints one line with the address once listening."""
     state, server = start(engine, codec, model, tornado.netutil.bind_sockets(port, host),
-                          max_waiting, trace_out)
+                          max_waiting, trace_out, lab)
     aio = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -87,3 +92,5 @@ async def serve(engine: LLMEngine, codec: TextCodec, model: str, host: str, port
           file=sys.stderr, flush=True)
     await done.wait()
     state.loop.stop()
+    if lab is not None:
+        lab.stop()

@@ -38,6 +38,8 @@ def add_commands(sub: argparse._SubParsersAction, positive_int, finite_float) ->
     serve.add_argument("--cpu-threads", type=positive_int,
                        help="BLAS threads for CPU runs (default: one per core)")
     serve.add_argument("--seed", type=int, default=0, help="seeds the preset's random weights")
+    serve.add_argument("--no-lab", action="store_true",
+                       help="leave out the lab's measured-run routes (/lab/info, /lab/runs)")
     serve.set_defaults(main=serve_main)
 
     tok = sub.add_parser("tokenizer", help="write the tokenizer files a client needs")
@@ -84,10 +86,14 @@ def serve_main(args: argparse.Namespace) -> int:
         set_blas_threads(args.cpu_threads)
     engine = LLMEngine(config)
     codec = for_model(args.model, engine.model_config)
+    lab = None
+    if not args.no_lab:
+        from engine.server.lab_routes import LabRuns
+        lab = LabRuns(device=args.device)
     trace_out = args.trace_out.open("a") if args.trace_out else None
     try:
         asyncio.run(serve(engine, codec, args.model, args.host, args.port, args.max_waiting,
-                          args.shutdown_grace_s, trace_out))
+                          args.shutdown_grace_s, trace_out, lab))
     except OSError as err:  # the port is taken, or the address is not this machine's
         print(f"error: cannot listen on {args.host}:{args.port} ({err.strerror})",
               file=sys.stderr)

@@ -1,13 +1,17 @@
-"""The one engine worker a server process shares among its browser sessions.
+"""The queue of measured workload runs the engine server shares among the lab's sessions.
 
 One thread owns the device and runs one job at a time. Sessions submit jobs; each session has at
 most one job waiting, and a newer submission replaces (supersedes) it, cancelling it if it already
-runs. Sessions are served round robin, and background work (sweeps) runs only when no session's
-job waits. Finished traces are cached by configuration, so a setting anyone already ran returns at
-once, and a session asking for a run already in flight joins it instead of starting another.
+runs. Sessions are served round robin (fair queueing), and background work (sweeps) runs only when
+no session's job waits. Finished traces are cached by configuration, so a setting anyone already
+ran returns at once, and a session asking for a run already in flight joins it instead of starting
+another. Queueing and the cache live here, beside the device, so every page process of a class
+shares them (docs/classroom.md).
 
-The service knows nothing of Panel: it calls the listener functions it is given, from the worker
-thread. The page wraps those functions so they hop onto the session's own event loop.
+The queue calls the listener functions it is given from the worker thread (steps, the outcome) or
+from the submitting thread (queue positions); `engine.server.lab_routes` turns those calls into
+lines of a stream. Each listener carries a `tag` naming the stream it writes to, so a stream that
+closes removes exactly its own listeners (`detach`).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 StepFn = Callable[[StepRecord], None]
 DoneFn = Callable[["Outcome"], None]
+PositionFn = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,9 @@ class Listener:
     session: str
     on_step: StepFn | None
     on_done: DoneFn
+    on_position: PositionFn | None = None  # told the jobs ahead each time that number changes
+    tag: object = None  # the stream this listener writes to (see `detach`)
+    told: int = -1  # the last position it was told
 
 
 @dataclass
@@ -56,7 +64,7 @@ class Job:
     yielded: bool = False  # a background run stopped for a learner's run; it starts over later
 
 
-class EngineService:
+class RunQueue:
     """A fair, cancellable, caching job queue in front of one worker thread."""
 
     def __init__(self, cache_size: int = 256) -> None:
@@ -74,10 +82,11 @@ class EngineService:
 
     # -- submitting ----------------------------------------------------------------------------
     def submit(self, session: str, key: object, run: Callable[[StepFn, threading.Event], Trace],
-               on_done: DoneFn, on_step: StepFn | None = None, background: bool = False) -> bool:
+               on_done: DoneFn, on_step: StepFn | None = None, background: bool = False,
+               on_position: PositionFn | None = None, tag: object = None) -> bool:
         """Ask for the run `key`; `on_done` gets its Outcome (at once when cached). True when the
         cache answered, before this returns."""
-        listener = Listener(session, on_step, on_done)
+        listener = Listener(session, on_step, on_done, on_position, tag)
         with self._cond:
             cached = self._cache.get(key)
             if cached is not None:
@@ -113,6 +122,7 @@ class EngineService:
         if on_step is not None:
             for step in steps:
                 on_step(step)
+        self._announce_positions()
         return False
 
     def _find(self, key: object) -> Job | None:
@@ -182,6 +192,44 @@ class EngineService:
         with self._cond:
             self._supersede(session)
         self.drop_background(session)
+        self._announce_positions()
+
+    def detach(self, tag: object) -> None:
+        """A stream closed: drop the listeners it carried; cancel or drop jobs nobody wants now.
+        Jobs others still listen to go on (a newer stream of the same session included)."""
+        with self._cond:
+            jobs = [*self._waiting.items()]
+            for session, job in jobs:
+                job.listeners = [l for l in job.listeners if l.tag is not tag]
+                if not job.listeners:
+                    del self._waiting[session]
+                    self._order.remove(session)
+            for job in list(self._background):
+                job.listeners = [l for l in job.listeners if l.tag is not tag]
+                if not job.listeners:
+                    self._background.remove(job)
+            current = self._current
+            if current is not None:
+                current.listeners = [l for l in current.listeners if l.tag is not tag]
+                if not current.listeners and not current.background:
+                    current.cancel.set()
+        self._announce_positions()
+
+    def _announce_positions(self) -> None:
+        """Tell each waiting listener how many jobs go before its own, when that changed."""
+        with self._cond:
+            ahead = int(self._current is not None)
+            due = []
+            for i, session in enumerate(self._order):
+                for l in self._waiting[session].listeners:
+                    if l.on_position is not None and l.told != ahead + i:
+                        l.told = ahead + i
+                        due.append((l.on_position, ahead + i))
+        for tell, position in due:
+            try:
+                tell(position)
+            except Exception:
+                log.exception("position listener failed")
 
     def queue_position(self, session: str) -> int:
         """0 when this session's job runs now (or it has none), else how many jobs go first."""
@@ -219,6 +267,7 @@ class EngineService:
 
     def _work(self) -> None:
         while (job := self._next_job()) is not None:
+            self._announce_positions()
             outcome = self._execute(job)
             if outcome.cancelled and job.yielded:
                 with self._cond:

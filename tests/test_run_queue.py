@@ -13,7 +13,8 @@ import pytest
 from engine.config import ConfigError
 from engine.llm_engine import Cancelled
 from engine.records import StepRecord, Trace
-from lab.service import EngineService, Outcome
+from engine.server.run_queue import Outcome, RunQueue as EngineService
+from tests.serverkit import wait_until
 
 
 def fake_trace(tag: str) -> Trace:
@@ -181,12 +182,16 @@ def test_forgetting_a_session_cancels_its_work(service):
 
 
 def test_real_engine_runs_through_the_service(service):
-    from lab.runs import ModelShelf, RunKey, execute
+    from engine.server.measured_runs import ModelShelf, RunSpec, execute
     shelf = ModelShelf("cpu")
-    key = RunKey("tiny", batch=2, context=16, page=4, output=3)
+    spec = RunSpec.from_json({"engine": {"model": "tiny", "block_size": 4, "max_num_seqs": 2,
+                                         "kv_budget_bytes": 2**20},
+                              "workload": {"num_requests": 2, "prompt_len": 16,
+                                           "output_len": 3}}, kv_cap_bytes=2**30)
     steps: list[StepRecord] = []
     got, done, cb = collect()
-    service.submit("a", key, lambda on_step, cancel: execute(key, shelf, on_step, cancel), cb,
+    service.submit("a", spec.cache_key(),
+                   lambda on_step, cancel: execute(spec, shelf, on_step, cancel), cb,
                    on_step=steps.append)
     assert done.wait(30)
     trace = got[0].trace
@@ -211,4 +216,38 @@ def test_a_move_while_a_result_is_being_told_does_not_answer_twice():
         assert service.wait_idle(10)
         assert len(heard) == 1 and heard[0].trace is not None
     finally:
+        service.stop()
+
+
+def test_positions_are_pushed_as_they_change_and_detach_drops_only_that_stream():
+    """Three sessions queue behind a running job: each hears its place, hears it again when the
+    line moves, and a stream that closes takes its own listener away, not a newer one's."""
+    service = EngineService()
+    gate = threading.Event()
+    heard: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+
+    def blocked(on_step, cancel):
+        gate.wait(10)
+        return fake_trace("first")
+
+    try:
+        service.submit("x", "first", blocked, lambda o: None)
+        assert wait_until(lambda: service.stats()["running"] == 1)
+        old, new = object(), object()
+        for session in "abc":
+            service.submit(session, f"job-{session}", lambda on_step, cancel: fake_trace("j"),
+                           lambda o: None, on_position=heard[session].append,
+                           tag=old if session == "b" else None)
+        assert heard == {"a": [1], "b": [2], "c": [3]}
+        service.detach(old)  # b's stream closed: c moves up, a stays
+        assert heard["c"] == [3, 2] and heard["a"] == [1] and heard["b"] == [2]
+        assert service.stats()["waiting"] == 2
+        service.submit("c", "job-c", lambda on_step, cancel: fake_trace("j"), lambda o: None,
+                       tag=new)
+        service.detach(old)  # a late close of the old stream leaves the newer listener alone
+        assert service.stats()["waiting"] == 2
+        gate.set()
+        assert service.wait_idle(10)
+    finally:
+        gate.set()
         service.stop()
