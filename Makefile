@@ -26,7 +26,7 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
 
 lab: install
-	$(BIN)/panel serve lab/app.py $(PANEL_FLAGS)
+	$(BIN)/python -m lab $(PANEL_FLAGS)
 
 test: install-test chromium
 	$(BIN)/python -m pytest -q

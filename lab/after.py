@@ -12,6 +12,7 @@ import panel as pn
 
 from lab.content import Content, to_plain
 from lab.demo import DemoController
+from widgets.base import served
 from lab.sections import html_pane, section_heading
 from lab.state import LabState
 from widgets.inquiry import VisualInquiry
@@ -50,7 +51,7 @@ def after_first_pass(demo: DemoController, content: Content) -> pn.Column:
     research = ResearchRoom(research=to_plain(content.research),
                             demo_state=lambda: demo_state_text(demo.state))
     demo.state.param.watch(lambda *_: research.refresh(), list(LabState.CONTROLS))
-    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+    if served():
         pn.state.on_session_destroyed(lambda _ctx: storyboard.close())
     parts = {
         "storyboard": [pn.pane.Markdown(content.storyboard, sizing_mode="stretch_width"),

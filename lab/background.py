@@ -3,23 +3,23 @@
 For the run just shown (`DemoController.shown_key`), in this order: the same requests under the
 other batching policy, the setting measured `REPEATS` times in all (the prediction gate's noise
 band), TPOT at every batch of `SWEEP_BATCHES`, and the workload at every arrival rate of
-`SWEEP_RATES`. Settings the service already cached are drawn at once; the rest are queued as
-background jobs, which the service runs only while no learner's run waits (and stops, to run again
-later, when one arrives). Results land on the session's loop through the controller's hop, and are
-dropped when the learner has moved to another setting meanwhile.
+`SWEEP_RATES`. Settings this page process already holds are drawn at once; the rest are queued as
+background runs, all on one stream to the engine server, which runs them only while no learner's
+run waits (and stops one, to run again later, when one arrives). Results land on the session's loop
+at the controller's next tick, and are dropped when the learner has moved to another setting
+meanwhile.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from engine import analytic
+from engine.config import preset
 from engine.metrics import summarize
 from engine.records import Trace
-from lab.runs import (SWEEP_BATCHES, SWEEP_RATES, RunKey, bytes_per_elem, check_run, floors_ms,
-                      kv_capacity_bytes, kv_need_bytes, other_policy_key, rate_key, ridge_batch,
-                      sweep_key)
-from lab.service import Outcome
+from lab.engine_client import Outcome
+from lab.runs import (SWEEP_BATCHES, SWEEP_RATES, RunKey, check_run, floors_ms, kv_capacity_bytes,
+                      kv_need_bytes, other_policy_key, rate_key, ridge_batch, sweep_key)
 
 if TYPE_CHECKING:
     from lab.demo import DemoController
@@ -38,12 +38,13 @@ class BackgroundRuns:
 
     def start(self, key: RunKey) -> None:
         """Queue (or draw from the cache) everything measured around the run `key`."""
-        self.demo.service.drop_background(self.demo.session)
+        self.demo._background_done.clear()
         self._start_policy_comparison(key)
         for r in range(REPEATS):
             self._submit(key.with_(repeat=r), lambda *_: None)
         self._start_tpot_sweep(key)
         self._start_rate_sweep(key)
+        self.demo.send_background()
 
     def redraw(self) -> None:
         """Judge everything again under the current SLOs (goodput depends on them)."""
@@ -57,11 +58,11 @@ class BackgroundRuns:
         if key.requests < MIN_RATE_REQUESTS:
             return []
         return [rk for rk in (rate_key(key, r) for r in SWEEP_RATES)
-                if check_run(rk, self.demo.limits) is None]
+                if check_run(rk, self.demo.limits, self.demo.engine) is None]
 
     def _submit(self, key: RunKey, done: Callable[[RunKey, Outcome], None]) -> Trace | None:
         """The cached trace for `key`, or None after queueing its run with `done` to follow."""
-        cached = self.demo.service.cached(key)
+        cached = self.demo.traces.get(key)
         if cached is None:
             self.demo.queue_background(key, done)
         return cached
@@ -78,11 +79,11 @@ class BackgroundRuns:
         other = other_policy_key(key).with_(repeat=0)
         # Every request at once, in one batch, with room for all at full length: both policies
         # schedule the very same steps.
-        cfg, elem = demo.shelf.get(key.model).config, bytes_per_elem(demo.shelf.device)
+        cfg, elem = preset(key.model), demo.engine.bytes_per_elem
         same = (key.rate == 0 and key.requests <= key.batch
                 and kv_need_bytes(key, cfg, elem) <= kv_capacity_bytes(key, cfg, elem))
         wanted = (not same and other.policy not in demo.policy.traces
-                  and check_run(other, demo.limits) is None)
+                  and check_run(other, demo.limits, demo.engine) is None)
         demo.policy.same_steps = same
         demo.policy.show(key.policy, demo.trace, demo.state.slo(),
                          pending=other.policy if wanted else "")
@@ -100,7 +101,7 @@ class BackgroundRuns:
         self.tpot = {}
         for batch in SWEEP_BATCHES:
             sk = sweep_key(key, batch)
-            if check_run(sk, self.demo.limits) is not None:
+            if check_run(sk, self.demo.limits, self.demo.engine) is not None:
                 continue
             cached = self._submit(sk, self._tpot_point)
             if cached is not None:  # drawn once below, not one redraw per cached point
@@ -121,11 +122,11 @@ class BackgroundRuns:
         demo, key = self.demo, self.demo.shown_key
         if key is None:
             return
-        cfg = demo.shelf.get(key.model).config
-        probe = analytic.probe(demo.shelf.device.type)
-        elem = bytes_per_elem(demo.shelf.device)
+        cfg, engine = preset(key.model), demo.engine
+        probe, elem = engine.probe, engine.bytes_per_elem
         floors = [(b, *floors_ms(key, b, cfg, probe, elem)) for b in SWEEP_BATCHES]
-        expected = [b for b in SWEEP_BATCHES if check_run(sweep_key(key, b), demo.limits) is None]
+        expected = [b for b in SWEEP_BATCHES
+                    if check_run(sweep_key(key, b), demo.limits, engine) is None]
         points = sorted(self.tpot.items())
         demo.tpot_batch.show_sweep(points, floors, key.batch, pending=len(points) < len(expected),
                                    ridge=ridge_batch(key, cfg, probe, elem))

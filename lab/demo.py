@@ -1,29 +1,28 @@
-"""The interactive demo: sliders -> LabState -> the shared engine service -> live measured plots.
+"""The interactive demo: sliders -> LabState -> the engine server -> live measured plots.
 
-Each session owns one `Demo`. A change of a run-shaping control is checked (`check_run`) and, if it
-may run, submitted to the process's one engine service; steps stream back from the worker thread and
-are handed to this session's event loop with `pn.state.execute` under the session's document, never
-by touching Bokeh models from the worker. SLO changes only re-judge the last trace: no rerun.
+Each session owns one `DemoController`. A change of a run-shaping control is checked (`check_run`)
+and, if it may run, posted to the engine server, which measures it in its own process. The events
+it streams back (queue position, steps, the finished trace) are read on a client thread and left in
+this session's inbox; the session's ticker (lab/ticker.py) drains the inbox on the session's event
+loop and sets the `RunState` the plots follow. Nothing here touches a Bokeh model from another
+thread. SLO changes only re-judge the last trace: no rerun.
 """
 from __future__ import annotations
 
-import threading
-import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 from functools import partial
 
-import panel as pn
-from panel.io.state import set_curdoc
-
-from engine import analytic
-from engine.llm_engine import describe_device
+from engine.config import preset
 from engine.metrics import summarize
 from engine.records import StepRecord, Trace
 from lab.background import REPEATS, BackgroundRuns
-from lab.runs import (Limits, ModelShelf, RunKey, bytes_per_elem, check_run, execute,
-                      kv_capacity_bytes, running_bounds)
-from lab.service import EngineService, Outcome
+from lab.engine_client import (EngineClient, EngineInfo, EngineUnavailable, Outcome, RunStream,
+                               TraceCache)
+from lab.runs import Limits, RunKey, check_run, kv_capacity_bytes, run_spec, running_bounds
 from lab.state import LabState
+from lab.ticker import Ticker
 from widgets.device_banner import DeviceBanner
 from widgets.goodput_rate_plot import GoodputRatePlot
 from widgets.kv_memory_plot import KVMemoryPlot
@@ -32,231 +31,215 @@ from widgets.notice import Notice
 from widgets.page_map import PageMap
 from widgets.policy_compare import PolicyComparison
 from widgets.queue_plot import QueuePlot
+from widgets.run_state import RunState
 from widgets.style import RunInfo
 from widgets.summary_table import SummaryTable
 from widgets.timeline_plot import TimelinePlot
 from widgets.tpot_batch_plot import TPOTBatchPlot
 
-QUEUE_REFRESH_MS = 500  # how often a waiting learner's place in line is refreshed
-
-
-def frozen(doc, fn, *args) -> None:
-    """fn(*args), with the document's model graph counted once at the end, not once per change.
-
-    Bokeh answers every change that carries models (a pane's stylesheets, which Panel re-sends
-    on a pane's first update; new children) by walking the whole document, about 860 models, to
-    recount them. A finished run touches a dozen panes, and those walks were about a third of the
-    server's CPU for a session's first run.
-    Bokeh's own `freeze()` always walks once at the end; here the walk happens only if some change
-    asked for it. Every change is still sent as it happens.
-    """
-    models = doc.models
-    if "invalidate" in vars(models):  # already deferred by an outer call
-        fn(*args)
-        return
-    asked: list[bool] = []
-    models.invalidate = lambda: asked.append(True)  # this document's manager, this call only
-    try:
-        fn(*args)
-    finally:
-        # pop, not del: under `--num-threads` a pool thread and the loop may both have deferred
-        # (each then recounts for what it was asked; a request after the pop recounts at once)
-        vars(models).pop("invalidate", None)
-        if asked:
-            models.recompute()
+BACKGROUND = "background"  # the inbox tag of background events
 
 
 class DemoController:
-    """UI-free wiring between one session's state, the service and the plots."""
+    """UI-free wiring between one session's controls, the engine server and the plots."""
 
-    def __init__(self, state: LabState, service: EngineService, shelf: ModelShelf,
-                 limits: Limits) -> None:
+    def __init__(self, state: LabState, client: EngineClient, limits: Limits,
+                 traces: TraceCache | None = None, ticker: Ticker | None = None) -> None:
         self.state = state
-        self.service = service
-        self.shelf = shelf
+        self.client = client
         self.limits = limits
+        self.traces = traces if traces is not None else TraceCache()
         self.session = uuid.uuid4().hex
+        self.run = RunState()
         self.banner = DeviceBanner()
         self.notice = Notice()
         self.link_notice = Notice()  # what a shared link's bad values were turned into
         self.gate = None  # the prediction gate, set by the demo's layout
-        self.summary = SummaryTable()
-        self.latency = LatencyPlot()
-        self.timeline = TimelinePlot()
-        self.kv_memory = KVMemoryPlot()
-        self.page_map = PageMap()
+        self.summary = SummaryTable(run=self.run)
+        self.latency = LatencyPlot(run=self.run)
+        self.timeline = TimelinePlot(run=self.run)
+        self.kv_memory = KVMemoryPlot(run=self.run)
+        self.page_map = PageMap(run=self.run)
+        self.queue = QueuePlot(run=self.run)
         self.tpot_batch = TPOTBatchPlot()
-        self.queue = QueuePlot()
         self.policy = PolicyComparison()
         self.goodput_rate = GoodputRatePlot()
         self.trace: Trace | None = None  # the last good run
         self.shown_key: RunKey | None = None
         self.repeat = 0  # which measurement of the current setting "Run again" asked for
         self.listeners: list = []  # called with (trace, summary) after each finished run
-        self._doc = None
-        self._lock = threading.Lock()
-        self._pending_steps: list[StepRecord] = []
-        self._flush_scheduled = False
-        self._last_flush = 0.0  # time.monotonic() of the last live update
-        self._run_id = 0  # bumped by each submission; steps of older runs are dropped
+        self.ticker = ticker if ticker is not None else Ticker(int(limits.live_update_s * 1e3))
+        self.ticker.every(self.tick)
+        # (generation, key, event) from the client threads; deque appends and pops are atomic
+        self._inbox: deque[tuple[object, RunKey, dict]] = deque()
+        self._generation = 0  # bumped by each foreground submission; older events are dropped
+        self._cleared = True  # the plots were emptied for the run in flight
+        self._pending: RunKey | None = None  # the run in flight
+        self._stream: RunStream | None = None
+        self._background_stream: RunStream | None = None
+        self._background_done: dict[RunKey, Callable[[RunKey, Outcome], None]] = {}
         self.sweeps = BackgroundRuns(self)
-        self._queue_cb = None
         state.param.watch(self._on_controls, list(LabState.RUN_CONTROLS))
         state.param.watch(self._on_slo, ["ttft_slo", "tpot_slo"])
 
-    # -- thread hop ----------------------------------------------------------------------------
-    def bind_document(self, doc) -> None:
-        """Remember the session's document so worker callbacks can be scheduled onto it."""
-        self._doc = doc
-
-    def _hop(self, fn, *args) -> None:
-        """Run fn(*args) on this session's event loop (directly when there is no server)."""
-        doc = self._doc
-        if doc is None or getattr(doc, "session_context", None) is None:
-            fn(*args)
-            return
-        with set_curdoc(doc):
-            pn.state.execute(partial(frozen, doc, fn, *args), schedule=True)
+    @property
+    def engine(self) -> EngineInfo:
+        """The engine server's device and limits (EngineUnavailable when none answers)."""
+        return self.client.info()
 
     # -- submitting ----------------------------------------------------------------------------
-    # Panel runs onload callbacks and param watchers on a thread pool under `--num-threads`;
-    # submit() and _draw() change Bokeh models, which only the session's event loop may do.
     def start(self) -> None:
-        self._hop(self.submit)
+        self.submit()
 
     def _on_controls(self, *_events) -> None:
         self.repeat = 0
-        self._hop(self.submit)
+        self.submit()
 
     def run_again(self) -> None:
         """Measure the current setting once more (a new measurement, not the cached one)."""
         base = self.state.key()
         self.repeat = next(r for r in range(1, 10**6)
-                           if self.service.cached(base.with_(repeat=r)) is None)
-        self._hop(self.submit)
+                           if self.traces.get(base.with_(repeat=r)) is None)
+        self.submit()
 
     def repeats(self, key: RunKey) -> list[Trace]:
-        """Every cached measurement of `key`'s setting (any repeat index)."""
+        """Every measurement of `key`'s setting this page process has (any repeat index)."""
         found = []
         for r in range(10**6):
-            trace = self.service.cached(key.with_(repeat=r))
+            trace = self.traces.get(key.with_(repeat=r))
             if trace is None and r >= REPEATS:
                 break
             if trace is not None:
                 found.append(trace)
         return found
 
+    def _refuse(self, why: str, status: str = "refused") -> None:
+        self.run.param.update(status=status, notice=why)
+        self.notice.show(why + " The plots keep the last measured run.",
+                         "danger" if status == "failed" else "warning")
+
     def submit(self) -> None:
         key = self.state.key(self.repeat)
-        why = check_run(key, self.limits)
+        try:
+            engine = self.engine
+        except EngineUnavailable as err:
+            return self._refuse(str(err), "failed")
+        why = check_run(key, self.limits, engine)
         if why is not None:
-            self.state.param.update(status="refused", notice=why)
-            self.notice.show(why + " The plots keep the last measured run.")
-            return
+            return self._refuse(why)
         self.notice.clear()
-        with self._lock:
-            self._pending_steps.clear()
-            self._run_id += 1
-            run_id = self._run_id
-        # A cached setting is answered at once and drawn over the last run in one pass
-        # (`_finish`): no "queued" state and no cleared plots, which on a busy server were half
-        # of a move's updates.
-        hit = self.service.cached(key) is not None
-        if not hit:
-            self._clear_for_run()
-        if self.service.submit(self.session, key, partial(self._run, key),
-                               on_done=lambda o: self._hop(self._finish, key, o),
-                               on_step=partial(self._step_from_worker, run_id)):
-            self.state.notice = ""
+        self._generation += 1
+        if self._stream is not None:
+            self._stream.close()  # the server supersedes it anyway; this frees the connection
+            self._stream = None
+        cached = self.traces.get(key)
+        if cached is not None:  # drawn over the last run at once: no "queued", no cleared plots
+            self._finish(key, Outcome(trace=cached, cached=True))
             return
-        if hit:  # dropped from the cache in between; its steps and result are hopped, so later
-            self._clear_for_run()
-        self._watch_queue()
+        self._cleared, self._pending = False, key
+        self.run.param.update(status="queued", notice="", queue_position=0)
+        self._stream = self.client.stream(
+            self.session, [run_spec(key, engine)], partial(self._receive, self._generation, key),
+            max_run_s=self.limits.max_run_s)
 
-    def _clear_for_run(self) -> None:
-        self.state.param.update(status="queued", notice="", steps_done=0)
-        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map, self.queue):
-            plot.reset()
-        self.summary.reset()
+    def _receive(self, generation: object, key: RunKey, event: dict) -> None:
+        """On a client thread: keep the event for the next tick."""
+        self._inbox.append((generation, key, event))
 
-    def _run(self, key: RunKey, on_step, cancel) -> Trace:
-        return execute(key, self.shelf, on_step, cancel, max_run_s=self.limits.max_run_s)
+    def queue_background(self, key: RunKey, done: Callable[[RunKey, Outcome], None]) -> None:
+        """Add `key` to the background runs `send_background` will ask for; `done(key, outcome)`
+        runs on this session's loop (see lab/background.py)."""
+        self._background_done[key] = done
 
-    def queue_background(self, key: RunKey, done) -> None:
-        """Ask the service for `key` as background work; `done(key, outcome)` runs on this
-        session's loop (see lab/background.py)."""
-        self.service.submit(self.session, key, partial(self._run, key),
-                            on_done=lambda o: self._hop(done, key, o), background=True)
-
-    def _step_from_worker(self, run_id: int, step: StepRecord) -> None:
-        """On the worker thread: keep the step for the next live update, and schedule one. The
-        first step after a quiet spell is shown at once; later ones wait out `limits.live_update_s`."""
-        with self._lock:
-            if run_id != self._run_id:
-                return  # a run this session has moved on from, still finishing its step
-            self._pending_steps.append(step)
-            if self._flush_scheduled:
-                return  # the scheduled flush will take this step too
-            self._flush_scheduled = True
-            wait_s = self._last_flush + self.limits.live_update_s - time.monotonic()
-        if wait_s > 0:
-            self._hop(self._flush_later, wait_s)
-        else:
-            self._hop(self._flush_steps)
-
-    def _flush_later(self, wait_s: float) -> None:
-        """On the session's loop: flush the pending steps after `wait_s` seconds."""
-        doc = self._doc
-        if doc is None or getattr(doc, "session_context", None) is None:
-            self._flush_steps()  # no server (tests, notebooks): no loop to wait on
+    def send_background(self) -> None:
+        """Ask the engine server for the queued background runs, on one stream, replacing the
+        last set (what this session no longer shows is withdrawn)."""
+        if self._background_stream is not None:
+            self._background_stream.close()
+            self._background_stream = None
+        keys = list(self._background_done)
+        if not keys:
             return
-        doc.add_timeout_callback(partial(frozen, doc, self._flush_steps), max(1, int(wait_s * 1e3)))
+        engine = self.engine
+        self._background_stream = self.client.stream(
+            self.session, [run_spec(k, engine) for k in keys],
+            lambda event: self._inbox.append(
+                (BACKGROUND, keys[event["run"]] if event.get("run") is not None else None,
+                 event)),
+            background=True, max_run_s=self.limits.max_run_s)
 
-    def _flush_steps(self) -> None:
-        with self._lock:
-            steps, self._pending_steps = self._pending_steps, []
-            self._flush_scheduled = False
-            self._last_flush = time.monotonic()
-        if not steps:
+    # -- each tick, on the session's loop ------------------------------------------------------
+    def tick(self) -> None:
+        """Apply what arrived since the last tick: one update of the run state."""
+        if not self._inbox:
             return
-        info = self._run_info()
-        # A flush timed for a run that has since failed or been answered says nothing new.
-        status = "running" if self.state.status in ("queued", "running") else self.state.status
-        self.state.param.update(status=status, steps_done=self.state.steps_done + len(steps),
-                                queue_position=0)
-        for plot in (self.timeline, self.kv_memory, self.queue):
-            plot.add_steps(steps, info)
+        steps: list[StepRecord] = []
+        position = None
+        finished = None
+        while self._inbox:
+            generation, key, event = self._inbox.popleft()
+            kind = event["event"]
+            if generation == BACKGROUND:
+                self._background_event(key, event)
+            elif generation != self._generation:
+                continue  # a run this session has moved on from
+            elif kind == "queued":
+                position = event["position"]
+            elif kind == "step":
+                steps.append(StepRecord.from_json(event["step"]))
+            else:
+                finished = (key, Outcome.from_event(event))
+                if finished[1].cancelled:
+                    finished = None  # superseded by the server: the newer run answers
+        if (steps or position) and not self._cleared:
+            self._clear_for_run(self._pending)
+        if position:
+            self.run.param.update(status="queued", queue_position=position)
+        if steps:
+            self.run.param.update(status="running", queue_position=0, new_steps=steps,
+                                  steps_done=self.run.steps_done + len(steps))
+        if finished is not None:
+            self._finish(*finished)
 
-    def _run_info(self) -> RunInfo:
-        key = self.state.key()
-        elem = bytes_per_elem(self.shelf.device)
-        cfg = self.shelf.get(key.model).config
-        block_bytes = cfg.kv_bytes_per_token(elem) * key.page
-        capacity = kv_capacity_bytes(key, cfg, elem)  # the cache execute() gives the run
+    def _background_event(self, key: RunKey | None, event: dict) -> None:
+        if event["event"] not in ("done", "error", "cancelled") or key is None:
+            return
+        outcome = Outcome.from_event(event)
+        if outcome.trace is not None:
+            self.traces.put(key, outcome.trace)
+        done = self._background_done.pop(key, None)
+        if done is not None:
+            done(key, outcome)
+
+    def _clear_for_run(self, key: RunKey) -> None:
+        self._cleared = True
+        self.run.param.update(steps_done=0, info=self._run_info(key))
+        self.run.param.trigger("cleared")
+
+    def _run_info(self, key: RunKey) -> RunInfo:
+        engine = self.engine
+        cfg = preset(key.model)
+        block_bytes = cfg.kv_bytes_per_token(engine.bytes_per_elem) * key.page
+        capacity = kv_capacity_bytes(key, cfg, engine.bytes_per_elem)  # what the server is sent
         return RunInfo(block_size=key.page, num_blocks=capacity // block_bytes,
                        kv_bytes_capacity=capacity, block_bytes=block_bytes,
-                       device=describe_device(self.shelf.device), model=key.model)
+                       device=engine.device, model=key.model)
 
     # -- results -------------------------------------------------------------------------------
     def _finish(self, key: RunKey, outcome: Outcome) -> None:
-        self._stop_queue_watch()
-        if outcome.cancelled:
-            return  # a newer submission replaced this one; its own result will come
+        self._stream = None
         if outcome.error is not None:
-            with self._lock:  # its last steps would be drawn over the restored plots
-                self._pending_steps.clear()
-            self.state.param.update(status="failed", notice=outcome.error)
-            self.notice.show(outcome.error + " The plots keep the last measured run.", "danger")
+            self._refuse(outcome.error, "failed")
             if self.trace is not None:
                 self._draw(self.trace)
             return
-        self._flush_steps()
+        self.traces.put(key, outcome.trace)
         self.trace = outcome.trace
         workload_changed = (self.shown_key is None or
                             self.shown_key.with_(policy="continuous", repeat=0)
                             != key.with_(policy="continuous", repeat=0))
         self.shown_key = key
-        self.state.param.update(status="done")
+        self.run.param.update(status="done", queue_position=0)
         if workload_changed:
             self.policy.reset()
         self._draw(outcome.trace)
@@ -265,53 +248,24 @@ class DemoController:
     def _draw(self, trace: Trace) -> None:
         slo = self.state.slo()
         summary = summarize(trace, slo)
-        probe = analytic.probe(self.shelf.device.type)
-        self.banner.update(trace.device, trace.model, probe)
+        engine = self.engine
+        self.banner.update(trace.device, trace.model, engine.probe)
         key = self.shown_key
         if key is not None:
-            cfg = self.shelf.get(key.model).config
-            self.queue.set_bounds(running_bounds(key, cfg, bytes_per_elem(self.shelf.device)))
-        for plot in (self.latency, self.timeline, self.kv_memory, self.page_map, self.queue):
-            plot.show(trace, summary, slo)
-        self.summary.show(trace, summary, slo)
+            self.queue.set_bounds(running_bounds(key, preset(key.model), engine.bytes_per_elem))
+        self.run.param.update(trace=trace, slo=slo, summary=summary)
         self.sweeps.redraw()
         for listener in self.listeners:
             listener(trace, summary)
 
     def _on_slo(self, *_events) -> None:
-        self._hop(self._redraw)
-
-    def _redraw(self) -> None:
         """The shown run again, under the SLOs as they are now."""
         if self.trace is not None:
             self._draw(self.trace)
 
-    # -- queue position ------------------------------------------------------------------------
-    # Bokeh's own periodic callback on the session's document, not Panel's wrapper: these run on
-    # the loop already (submit is hopped there), and Panel's PeriodicCallback.start, called from a
-    # scheduled callback, kept rescheduling itself on every tick when it judged the document
-    # blocked; with a dozen sessions that spin took the server's whole event loop.
-    def _watch_queue(self) -> None:
-        self._update_queue()
-        if self._doc is not None and self._queue_cb is None and self.state.status == "queued":
-            self._queue_cb = self._doc.add_periodic_callback(self._update_queue, QUEUE_REFRESH_MS)
-
-    def _update_queue(self) -> None:
-        position = self.service.queue_position(self.session)
-        if self.state.status == "queued":
-            self.state.queue_position = position
-        else:
-            self._stop_queue_watch()
-
-    def _stop_queue_watch(self) -> None:
-        callback, self._queue_cb = self._queue_cb, None
-        if callback is not None and self._doc is not None:
-            try:
-                self._doc.remove_periodic_callback(callback)
-            except ValueError:  # the session already dropped its callbacks
-                pass
-
     def close(self) -> None:
-        """The session ended: stop callbacks and tell the service nobody here listens."""
-        self._stop_queue_watch()
-        self.service.forget(self.session)
+        """The session ended: stop the ticker and hang up, which withdraws this session's runs."""
+        self.ticker.stop()
+        for stream in (self._stream, self._background_stream):
+            if stream is not None:
+                stream.close()

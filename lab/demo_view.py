@@ -7,7 +7,7 @@ import html
 import panel as pn
 
 from lab.content import Content
-from lab.demo import DemoController, frozen
+from lab.demo import DemoController
 from lab.prediction import attach_prediction_gate
 from lab.sections import section_heading
 from widgets.inquiry import PLOT_TITLES
@@ -22,36 +22,6 @@ STATUS_TEXT = {
 }
 
 
-def one_recount(fn, *args) -> None:
-    """fn(*args) and everything it sets off (the run drawn, the prediction question, the code
-    section, the address bar) under one `frozen` (lab/demo.py): the session's models are counted
-    once, not once per pane."""
-    doc = pn.state.curdoc
-    if doc is None:
-        fn(*args)
-    else:
-        frozen(doc, fn, *args)
-
-
-class _OneRecount:
-    """A control whose changes from the browser run under `one_recount`."""
-
-    def _process_events(self, events) -> None:  # where Panel applies a browser's change
-        one_recount(super()._process_events, events)
-
-
-class IntSlider(_OneRecount, pn.widgets.IntSlider):
-    pass
-
-
-class FloatSlider(_OneRecount, pn.widgets.FloatSlider):
-    pass
-
-
-class Select(_OneRecount, pn.widgets.Select):
-    pass
-
-
 def controls(demo: DemoController, content: Content) -> pn.Column:
     """Sliders bound to LabState (they report only on release: the extension is throttled), in
     three groups: the workload, the engine, and the targets."""
@@ -59,26 +29,26 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
     kv_cap_mb = max(1, int(demo.limits.kv_budget_bytes // 2**20))
     groups = {
         "The workload": [
-            IntSlider.from_param(s.param.requests, name="Requests"),
-            FloatSlider.from_param(s.param.rate, name="Arrival rate (requests/s, 0 = all at once)",
+            pn.widgets.IntSlider.from_param(s.param.requests, name="Requests"),
+            pn.widgets.FloatSlider.from_param(s.param.rate, name="Arrival rate (requests/s, 0 = all at once)",
                                    step=0.25),
-            Select.from_param(s.param.mix, name="Lengths (fixed, or mixed: lognormal)"),
-            IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
+            pn.widgets.Select.from_param(s.param.mix, name="Lengths (fixed, or mixed: lognormal)"),
+            pn.widgets.IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
                                  step=16),
-            IntSlider.from_param(s.param.output, name="Output tokens"),
+            pn.widgets.IntSlider.from_param(s.param.output, name="Output tokens"),
         ],
         "The engine": [
-            IntSlider.from_param(s.param.batch, name="Batch size (most running at once)"),
-            IntSlider.from_param(s.param.kv_mb, name="KV memory (MB)",
+            pn.widgets.IntSlider.from_param(s.param.batch, name="Batch size (most running at once)"),
+            pn.widgets.IntSlider.from_param(s.param.kv_mb, name="KV memory (MB)",
                                  end=min(kv_cap_mb, s.param.kv_mb.bounds[1])),
-            IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
-            IntSlider.from_param(s.param.chunk, name="Prefill chunk (tokens per step)", step=16),
-            Select.from_param(s.param.policy, name="Batching policy"),
-            Select.from_param(s.param.model, name="Model preset"),
+            pn.widgets.IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
+            pn.widgets.IntSlider.from_param(s.param.chunk, name="Prefill chunk (tokens per step)", step=16),
+            pn.widgets.Select.from_param(s.param.policy, name="Batching policy"),
+            pn.widgets.Select.from_param(s.param.model, name="Model preset"),
         ],
         "The targets": [
-            FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10, end=5000),
-            FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1, end=500),
+            pn.widgets.FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10, end=5000),
+            pn.widgets.FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1, end=500),
         ],
     }
     for w in (w for ws in groups.values() for w in ws):  # two columns on a wide screen
@@ -88,7 +58,7 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
     for preset in content.presets:
         b = pn.widgets.Button(name=preset["label"], button_type="light",
                               description=preset["description"], css_classes=["preset-button"])
-        b.on_click(lambda _e, v=dict(preset["values"]): one_recount(s.apply, v))
+        b.on_click(lambda _e, v=dict(preset["values"]): s.apply(v))
         buttons.append(b)
     copy = pn.widgets.Button(name="Copy link to these settings", button_type="primary",
                              button_style="outline", css_classes=["copy-link"])
@@ -109,7 +79,7 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
 
 
 def status_line(demo: DemoController) -> pn.Row:
-    s = demo.state
+    s = demo.run
 
     def text(status, ahead, steps):
         return STATUS_TEXT[status].format(ahead=ahead, steps=steps)

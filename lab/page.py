@@ -14,9 +14,10 @@ from lab.classroom_view import attach_classroom
 from lab.content import load_content
 from lab.demo import DemoController
 from lab.demo_view import demo_section
-from lab.runs import Limits, ModelShelf
-from lab.service import EngineService
+from lab.engine_client import EngineClient, TraceCache
+from lab.runs import Limits
 from lab.state import LabState
+from widgets.base import served
 
 MAX_WIDTH = 1180  # a comfortable reading width on a projector; narrower screens fill the width
 
@@ -25,7 +26,7 @@ URL_KEYS = LabState.CONTROLS
 EMBED_CSS = "#header { display: none !important; } #main { padding-top: 0 !important; }"
 
 
-def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
+def build_page(client: EngineClient, limits: Limits, traces: TraceCache | None = None,
                query: dict[str, str] | None = None,
                links: dict[str, str] | None = None) -> pn.template.BootstrapTemplate:
     """One session's page: the reading sections and the demo (or, with ?embed=demo, the demo
@@ -36,11 +37,10 @@ def build_page(service: EngineService, shelf: ModelShelf, limits: Limits,
     embed = query.get("embed") == "demo"
     state = LabState()
     notes = state.apply({k: v for k, v in query.items() if k in URL_KEYS})
-    demo = DemoController(state, service, shelf, limits)
+    demo = DemoController(state, client, limits, traces)
     if notes:
         demo.link_notice.show("This link's settings were adjusted: " + "; ".join(notes) + ".")
-    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
-        demo.bind_document(pn.state.curdoc)
+    if served():
         pn.state.on_session_destroyed(lambda _ctx: demo.close())
         pn.state.onload(demo.start)
         keep_url_in_sync(state)

@@ -290,11 +290,11 @@ def attach_prediction_gate(demo: "DemoController", content: Content) -> "Predict
 
     def on_controls(*_events: Any) -> None:
         flow.controls_changed(state.values())
-        if state.status == "refused":  # the demo refused before this watcher ran
+        if demo.run.status == "refused":  # the demo refused before this watcher ran
             flow.run_stopped()
 
     state.param.watch(on_controls, list(RUN_KEYS))
-    state.param.watch(lambda e: flow.run_stopped() if e.new == "failed" else None, ["status"])
+    demo.run.param.watch(lambda e: flow.run_stopped() if e.new == "failed" else None, ["status"])
     demo.listeners.append(lambda trace, summary: flow.run_finished(shown_settings(), trace,
                                                                    summary))
     gate.flow = flow  # tests and the page reach the round through the gate

@@ -1,31 +1,24 @@
-"""What one demo run is, whether it may run, and how it runs on the shared worker.
+"""What one demo run is, whether it may run, and what the engine server is asked to measure.
 
 `RunKey` is the cache key: everything that changes what the engine measures (SLOs are not in it:
 they only change how a finished trace is judged). The run is a workload: `requests` arriving at
 `rate`, of fixed or mixed lengths, served with a KV cache of `kv_mb` under a batching `policy`.
-`check_run` refuses, before anything is allocated, a run that is impossible (past the model's
+`check_run` refuses, before anything is sent, a run that is impossible (past the model's
 positions, a request no cache of that size could hold) or too long for a shared classroom device.
-`execute` builds an engine around weights loaded once per model.
+`run_spec` turns a key into the engine server's own terms (POST /lab/runs), which measures it.
+Nothing here imports torch: the page process only does arithmetic on shapes.
 """
 from __future__ import annotations
 
 import os
 import statistics
-import threading
-import time
 from dataclasses import asdict, dataclass, replace
-
-import torch
 
 from engine import analytic
 from engine.block_manager import blocks_for
-from engine.config import POLICIES, ConfigError, EngineConfig, ModelConfig, preset
-from engine.cpu_threads import usable_cores
-from engine.llm_engine import LLMEngine, describe_device, pick_device
-from engine.model import Llama
-from engine.records import StepRecord, Trace
-from engine.weights import load_model
+from engine.config import POLICIES, ConfigError, ModelConfig, preset
 from engine.workload import WorkloadSpec, draw_shape
+from lab.engine_client import EngineInfo
 from widgets.queue_plot import RunningBounds
 
 
@@ -33,33 +26,24 @@ from widgets.queue_plot import RunningBounds
 class Limits:
     """What one server lets a single run use; set from the environment at start-up."""
 
-    kv_budget_bytes: int = 256 * 2**20  # LAB_KV_BUDGET_MB
+    kv_budget_bytes: int = 256 * 2**20  # LAB_KV_BUDGET_MB (the engine server enforces it too)
     max_run_s: float = 20.0  # LAB_MAX_RUN_S: longest estimated run one learner may start
-    device: str = "auto"  # LAB_DEVICE
-    # LAB_CPU_THREADS: BLAS threads of CPU runs. One core is left to the server's event loop,
-    # which builds and updates pages while runs are measured (engine/cpu_threads.py says why).
-    cpu_threads: int = max(1, usable_cores() - 1)
-    # LAB_LIVE_UPDATE_S: the shortest gap between live plot updates during a run. Each update is
-    # work for the server's event loop, and that work competes with the run it shows.
+    # LAB_LIVE_UPDATE_S: the period of each session's ticker (lab/ticker.py), which is also the
+    # shortest gap between live plot updates during a run.
     live_update_s: float = 0.25
 
     @classmethod
     def from_env(cls) -> "Limits":
         env = os.environ
-        threads = env.get("LAB_CPU_THREADS", "")
-        if threads and not (threads.isdigit() and int(threads) >= 1):
-            raise ValueError(f"LAB_CPU_THREADS must be a whole number of at least 1, not {threads!r}")
         gap = env.get("LAB_LIVE_UPDATE_S", str(cls.live_update_s))
         try:
             live_update_s = float(gap)
         except ValueError:
             live_update_s = -1.0
-        if not 0 <= live_update_s < 60:
-            raise ValueError(f"LAB_LIVE_UPDATE_S must be seconds from 0 to 60, not {gap!r}")
+        if not 0.02 <= live_update_s < 60:
+            raise ValueError(f"LAB_LIVE_UPDATE_S must be seconds from 0.02 to 60, not {gap!r}")
         return cls(kv_budget_bytes=int(float(env.get("LAB_KV_BUDGET_MB", 256)) * 2**20),
                    max_run_s=float(env.get("LAB_MAX_RUN_S", 20.0)),
-                   device=env.get("LAB_DEVICE", "auto"),
-                   cpu_threads=int(threads) if threads else cls.cpu_threads,
                    live_update_s=live_update_s)
 
 
@@ -110,10 +94,6 @@ class RunKey:
         return WorkloadSpec(num_requests=self.requests, prompt_len=self.context,
                             output_len=self.output, rate=self.rate or None,
                             mix=MIXES.get(self.mix, self.mix))
-
-
-def bytes_per_elem(device: torch.device) -> int:
-    return 2 if device.type == "cuda" else 4  # bf16 on CUDA, fp32 on the CPU
 
 
 def request_tokens(key: RunKey) -> list[int]:
@@ -184,7 +164,7 @@ def estimate_run_s(key: RunKey, cfg: ModelConfig, probe: analytic.DeviceProbe, e
     return 3.0 * (prefill + decode) + max(shape.arrivals_s)
 
 
-def check_run(key: RunKey, limits: Limits) -> str | None:
+def check_run(key: RunKey, limits: Limits, engine: EngineInfo) -> str | None:
     """Why this run may not start (one sentence for the learner), or None."""
     if min(key.batch, key.context, key.page, key.output, key.requests, key.chunk) < 1:
         return "Batch, context, page size, output, requests and chunk must each be at least 1."
@@ -197,8 +177,7 @@ def check_run(key: RunKey, limits: Limits) -> str | None:
     if key.kv_mb is not None and key.kv_mb * 2**20 > limits.kv_budget_bytes:
         return (f"KV memory of {key.kv_mb} MB is past this server's cap of "
                 f"{limits.kv_budget_bytes / 2**20:.0f} MB (LAB_KV_BUDGET_MB).")
-    device = pick_device(limits.device)
-    elem = bytes_per_elem(device)
+    elem = engine.bytes_per_elem
     longest = max(request_tokens(key))
     if longest > cfg.max_position_embeddings:
         what = "the longest drawn request" if key.mix != "fixed" else "context + output"
@@ -217,57 +196,26 @@ def check_run(key: RunKey, limits: Limits) -> str | None:
         return (f"One request of {longest} tokens needs {need_mb:.2f} MB of KV pages, more than "
                 f"the {key.kv_mb} MB cache holds, so it could never run. Raise KV memory or lower "
                 "the context or output.")
-    seconds = estimate_run_s(key, cfg, analytic.probe(device.type), elem)
+    seconds = estimate_run_s(key, cfg, engine.probe, elem)
     if seconds > limits.max_run_s:
-        return (f"This run would take about {seconds:.0f} s on {describe_device(device)}, "
+        return (f"This run would take about {seconds:.0f} s on {engine.device}, "
                 f"more than the {limits.max_run_s:.0f} s one learner may hold the shared device. "
                 "Lower the requests, batch, context or output, or raise the rate.")
     return None
 
 
-class ModelShelf:
-    """Weights loaded once per model name and kept for the process (read-only while serving)."""
-
-    def __init__(self, device: str) -> None:
-        self.device = pick_device(device)
-        self._models: dict[str, Llama] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> Llama:
-        with self._lock:
-            if name not in self._models:
-                dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-                self._models[name] = load_model(name, seed=0, device=self.device, dtype=dtype)
-            return self._models[name]
-
-
-class RunTooLong(ConfigError):
-    """A run that went on past the lab's time limit (the estimate let it start)."""
-
-
-def execute(key: RunKey, shelf: ModelShelf, on_step, cancel: threading.Event,
-            max_run_s: float | None = None) -> Trace:
-    """Serve `key`'s workload on an engine around weights loaded once per model. A run still
-    going after twice `max_run_s` (it thrashes, or the device is slower than its probe) stops."""
-    model = shelf.get(key.model)
-    elem = bytes_per_elem(shelf.device)
-    config = EngineConfig(model=key.model, device=shelf.device.type, block_size=key.page,
-                          kv_budget_bytes=kv_capacity_bytes(key, model.config, elem),
-                          max_num_seqs=key.batch, max_num_batched_tokens=key.chunk,
-                          policy=key.policy)
-    engine = LLMEngine(config, model=model)
-    if max_run_s is None:
-        return engine.run(key.workload(), on_step=on_step, cancel=cancel)
-    deadline = time.monotonic() + 2 * max_run_s
-
-    def on_step_in_time(step: StepRecord) -> None:
-        on_step(step)
-        if time.monotonic() > deadline:
-            raise RunTooLong(f"The run was stopped after {2 * max_run_s:.0f} s, past the lab's "
-                             "limit; lower the requests, batch or output, or give it more KV "
-                             "memory (evictions make it recompute).")
-
-    return engine.run(key.workload(), on_step=on_step_in_time, cancel=cancel)
+def run_spec(key: RunKey, engine: EngineInfo) -> dict:
+    """The run `key` in the engine server's terms: EngineConfig and WorkloadSpec fields."""
+    cfg = preset(key.model)
+    w = key.workload()
+    return {"engine": {"model": key.model, "block_size": key.page,
+                       "kv_budget_bytes": kv_capacity_bytes(key, cfg, engine.bytes_per_elem),
+                       "max_num_seqs": key.batch, "max_num_batched_tokens": key.chunk,
+                       "policy": key.policy},
+            "workload": {"num_requests": w.num_requests, "prompt_len": w.prompt_len,
+                         "output_len": w.output_len, "rate": w.rate, "mix": w.mix,
+                         "seed": w.seed},
+            "repeat": key.repeat}
 
 
 SWEEP_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # batch sizes of the background TPOT sweep

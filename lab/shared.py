@@ -1,14 +1,15 @@
-"""The objects one server process shares on purpose: the engine service, the loaded models, the
-run limits and the classroom hub. Each is made once, by a cached factory, the first time any session
-asks."""
+"""The objects one page process shares on purpose: the engine server's client, the traces it has
+received, the run limits and the classroom client. Each is made once, by a cached factory, the
+first time any session asks."""
 from __future__ import annotations
 
 import functools
+import os
 
-from engine.cpu_threads import set_blas_threads
 from lab.classroom import Classroom
-from lab.runs import Limits, ModelShelf
-from lab.service import EngineService
+from lab.engine_client import EngineClient, TraceCache
+from lab.engine_process import start_engine
+from lab.runs import Limits
 
 
 @functools.lru_cache(maxsize=1)
@@ -17,18 +18,22 @@ def limits() -> Limits:
 
 
 @functools.lru_cache(maxsize=1)
-def service() -> EngineService:
-    return EngineService()
+def engine_client() -> EngineClient:
+    """The client of LAB_ENGINE_URL; without it, of an engine server started for this process."""
+    if not os.environ.get("LAB_ENGINE_URL"):
+        _proc, url = start_engine()
+        os.environ["LAB_ENGINE_URL"] = url  # the classroom client reads it too
+    client = EngineClient()
+    client.wait_ready(timeout_s=120)
+    return client
 
 
 @functools.lru_cache(maxsize=1)
-def shelf() -> ModelShelf:
-    made = ModelShelf(limits().device)
-    if made.device.type == "cpu":  # before any run: the size holds for the whole process
-        set_blas_threads(limits().cpu_threads)
-    return made
+def traces() -> TraceCache:
+    return TraceCache()
 
 
 @functools.lru_cache(maxsize=1)
 def classroom() -> Classroom:
+    engine_client()  # the hub lives in the engine server, which must be up first
     return Classroom.from_env()

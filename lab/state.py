@@ -1,4 +1,5 @@
-"""The demo's state as param parameters: the sliders' values and what the page says about a run.
+"""The demo's controls as param parameters: the sliders' values (where a run stands is
+`widgets.run_state.RunState`).
 
 UI-free on purpose: tests drive it with plain pytest, and the page builds its widgets from these
 parameters with `from_param`. Bounds here are the sliders' ranges.
@@ -16,7 +17,7 @@ LAB_MODELS = ("cpu-8m", "cpu-30m", "gpu-1b")  # presets a learner may pick (tiny
 
 
 class LabState(param.Parameterized):
-    """One learner's settings and the status of their latest run."""
+    """One learner's settings."""
 
     batch = param.Integer(default=8, bounds=(1, 64),
                           doc="Most sequences running at once (max_num_seqs)")
@@ -39,13 +40,6 @@ class LabState(param.Parameterized):
                             doc="Continuous (iteration-level) or static (request-level) batching")
     chunk = param.Integer(default=512, bounds=(16, 4096),
                           doc="Prefill tokens per step (max_num_batched_tokens)")
-
-    status = param.Selector(default="idle",
-                            objects=["idle", "queued", "running", "done", "refused", "failed"],
-                            doc="Where the latest run stands")
-    notice = param.String(default="", doc="What the learner should know about the last change")
-    queue_position = param.Integer(default=0, bounds=(0, None), doc="Jobs ahead of ours")
-    steps_done = param.Integer(default=0, bounds=(0, None), doc="Steps streamed so far")
 
     # Every control, declared once here; the RunKey fields are the ones that shape a run.
     RUN_CONTROLS = tuple(f.name for f in fields(RunKey) if f.name != "repeat")

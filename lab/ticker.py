@@ -18,13 +18,9 @@ from collections.abc import Callable
 
 import panel as pn
 
+from widgets.base import served
+
 log = logging.getLogger(__name__)
-
-
-def served() -> bool:
-    """True inside a `panel serve` session (the page has an event loop and a browser)."""
-    doc = pn.state.curdoc
-    return doc is not None and doc.session_context is not None
 
 
 class Ticker:

@@ -1,8 +1,10 @@
 """The common shape of every plot component: a body, a text equivalent, and reset/add_steps/show.
 
 A subclass builds its Bokeh figures and sources in `__init__`, returns them from `_body`, and keeps
-`text` (a plain-language equivalent with the key numbers) in step with what it draws. The methods
-are called only on the server's event loop, so they mutate Bokeh sources directly.
+`text` (a plain-language equivalent with the key numbers) in step with what it draws. A plot given
+a `run` (a `RunState`) follows it: a new run clears it, streamed steps extend it, a finished run
+(or the same run under new targets) is drawn whole. The run state changes only on the session's
+event loop (lab/ticker.py), so these methods mutate Bokeh sources directly.
 """
 from __future__ import annotations
 
@@ -14,7 +16,15 @@ import param
 from engine.config import SLO
 from engine.metrics import Summary
 from engine.records import StepRecord, Trace
+from widgets.run_state import RunState
 from widgets.style import WAITING, RunInfo
+
+
+def served() -> bool:
+    """True inside a `panel serve` session: the page has an event loop and a browser (and
+    session callbacks, periodic or on destruction, may be registered)."""
+    doc = pn.state.curdoc
+    return doc is not None and doc.session_context is not None
 
 
 class PlotComponent(pn.viewable.Viewer):
@@ -23,6 +33,8 @@ class PlotComponent(pn.viewable.Viewer):
     plot_id: ClassVar[str] = "plot"  # stable id, shared with content/inquiry.yaml's `plot` keys
 
     text = param.String(default=WAITING, doc="What the plot shows now, in words and numbers.")
+    run = param.ClassSelector(class_=RunState, default=None,
+                              doc="The session's run this plot follows (None: drawn by hand)")
 
     def __init__(self, **params: Any) -> None:
         params.setdefault("name", self.plot_id)
@@ -46,6 +58,21 @@ class PlotComponent(pn.viewable.Viewer):
                                      css_classes=["plot", self.plot_id],
                                      sizing_mode="stretch_width")
         return self._layout
+
+    @param.depends("run.cleared", watch=True)
+    def _follow_new_run(self) -> None:
+        self.reset()
+
+    @param.depends("run.new_steps", watch=True)
+    def _follow_steps(self) -> None:
+        if self.run.new_steps and self.run.info is not None:
+            self.add_steps(self.run.new_steps, self.run.info)
+
+    @param.depends("run.summary", watch=True)
+    def _follow_result(self) -> None:
+        run = self.run
+        if run.summary is not None and run.trace is not None:
+            self.show(run.trace, run.summary, run.slo)
 
     def reset(self) -> None:
         """Clear for a new run."""

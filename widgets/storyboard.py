@@ -18,6 +18,7 @@ from bokeh.models import ColumnDataSource, FactorRange, Range1d
 from bokeh.transform import factor_cmap
 
 from engine.records import StepRecord, Trace
+from widgets.base import served
 from widgets.style import (DECODE, PREFILL, WAITING, add_hover, empty, fmt_ms, make_figure)
 
 KINDS = ["prefill chunk", "decode"]
@@ -254,8 +255,7 @@ class Storyboard(pn.viewable.Viewer):
             return
         if self.position >= len(self.trace.steps) - 1:
             self.position = 0  # play from the start again
-        if self._callback is None and pn.state.curdoc is not None \
-                and pn.state.curdoc.session_context is not None:
+        if self._callback is None and served():
             self._callback = pn.state.add_periodic_callback(self.advance, period=PERIOD_MS)
 
     def _stop(self) -> None:

@@ -15,6 +15,7 @@ import param
 from engine.config import SLO
 from engine.metrics import Summary
 from engine.records import Trace
+from widgets.run_state import RunState
 from widgets.style import WAITING, fmt_num
 
 CORE_ROWS = ("TTFT p50 (ms)", "TPOT p50 (ms)", "KV GB (measured)", "Waste tokens (measured)",
@@ -65,6 +66,8 @@ class SummaryTable(pn.viewable.Viewer):
     values = param.Dict(default={}, doc="Formatted value per row label; empty before any run.")
     stale = param.Boolean(default=False, doc="A run is under way; the values are the last run's.")
     text = param.String(default=WAITING, doc="The table's rows as one plain sentence.")
+    run = param.ClassSelector(class_=RunState, default=None,
+                              doc="The session's run this table follows (None: filled by hand)")
 
     def __init__(self, **params: Any) -> None:
         params.setdefault("name", self.plot_id)
@@ -83,6 +86,15 @@ class SummaryTable(pn.viewable.Viewer):
     def value(self, label: str) -> str:
         """The displayed value of one row ("—" before any run)."""
         return self.values.get(label, DASH)
+
+    @param.depends("run.cleared", watch=True)
+    def _follow_new_run(self) -> None:
+        self.reset()
+
+    @param.depends("run.summary", watch=True)
+    def _follow_result(self) -> None:
+        if self.run.summary is not None and self.run.trace is not None:
+            self.show(self.run.trace, self.run.summary, self.run.slo)
 
     def reset(self) -> None:
         """Keep the last numbers, greyed, while a new run is under way."""
