@@ -231,9 +231,9 @@ def test_cuda_engine_serves_with_and_without_graphs(cuda_graphs: bool) -> None:
 
 
 def test_gpu_check_times_decode_with_graphs_on_and_off() -> None:
-    from engine import gpu_check
+    from tools import gpu_check
     plan = gpu_check.DRY_PLAN
-    result = gpu_check.decode_graphs(plan, box_s=60, copy_gbs=10.0)
+    result = gpu_check.decode_graphs(plan, box_s=60, read_gbs=10.0)
     assert [r["batch"] for r in result["rows"]] == list(plan.graph_batches)
     for row in result["rows"]:
         assert row["graphs_used"] is False  # the dry run is on the CPU, which keeps its plain path

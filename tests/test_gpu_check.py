@@ -15,7 +15,7 @@ STEPS = ("kernel_tests", "device_probe", "kernel_bandwidth", "decode_graphs", "b
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    return subprocess.run([sys.executable, "-m", "engine.gpu_check", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "tools.gpu_check", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -31,7 +31,7 @@ def test_dry_run_writes_every_step(tmp_path):
     for step in ("kernel_tests", "device_probe", "kernel_bandwidth"):  # these need nobody else's code
         assert report[step]["ok"], report[step].get("error")
     assert report["kernel_tests"]["counts"].get("passed", 0) >= 1
-    assert report["device_probe"]["copy_gbs"] > 0
+    assert report["device_probe"]["read_gbs"] > 0
     rows = report["kernel_bandwidth"]["rows"]
     assert rows and all(r["gbs"] > 0 and r["max_abs_err"] < 1e-4 for r in rows)
     assert {"tpot_vs_batch", "ttft_vs_context"} <= set(report["serving"])

@@ -1,11 +1,11 @@
 """Churn: opening and closing many sessions leaves nothing behind on the server.
 
-Starts its own `panel serve` with the diagnostics endpoint, runs `python -m lab.load --churn N`
+Starts its own `panel serve` with the diagnostics endpoint, runs `python -m tools.load --churn N`
 (real chromium pages, each opened until its first run is measured, then closed), and checks the
 server's own account afterwards: no session, no periodic callback, no queued job, no classroom
-member, no live per-session object, no thread beyond those it had after one session, and memory
-within a bound. N is 6 by default, to stay near a minute on two cores; set LAB_CHURN_SESSIONS=200
-for the full run recorded in docs/classroom.md.
+member, no live per-session object or document, no thread beyond those it had after one session,
+and memory within a bound. N is 6 by default, to stay near a minute on two cores; set
+LAB_CHURN_SESSIONS=200 for the full run recorded in docs/classroom.md.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SESSIONS = int(os.environ.get("LAB_CHURN_SESSIONS", "6"))
 CHEAP = "batch=1&requests=1&context=16&page=16&output=2"
 # Closed sessions are dropped 15 s after their page goes (Bokeh's default lifetime, which must
 # outlast a slow page load); checking every 2 s instead of 17 s keeps the wait short.
-FLAGS = ["--liveness", "--plugins", "lab.diagnostics", "--check-unused-sessions", "2000"]
+FLAGS = ["--liveness", "--plugins", "tools.diagnostics", "--check-unused-sessions", "2000"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def user_threads(snapshot: dict) -> dict[str, int]:
 
 @pytest.mark.timeout(900)
 def test_opening_and_closing_sessions_leaves_nothing_behind(churn_server):
-    cmd = [sys.executable, "-m", "lab.load", "--url", f"{churn_server}?{CHEAP}",
+    cmd = [sys.executable, "-m", "tools.load", "--url", f"{churn_server}?{CHEAP}",
            "--churn", str(SESSIONS), "--wave", "3", "--settle", "60"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=880, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -53,12 +53,16 @@ def test_opening_and_closing_sessions_leaves_nothing_behind(churn_server):
     assert result["errors"] == result["console_errors"] == result["page_errors"] == 0, result
     before, after = result["before"], result["after"]
     assert after["sessions"] == 0
-    assert after["periodic_callbacks"] == 0 and after["panel_views"] == 0
+    assert after["periodic_callbacks"] == 0
     service = after["service"]
     assert service["waiting"] == service["background"] == service["running"] == 0
     assert service["runs_started"] == before["service"]["runs_started"]  # all cached: no reruns
     assert after["classroom"]["members"] == after["classroom"]["instructors"] == 0
     assert set(after["live_objects"].values()) == {0}, after["live_objects"]
+    # Documents and Panel periodic callbacks beyond the server's own (Panel runs one, Bokeh may
+    # hold a document outside any session): none left by the closed sessions.
+    assert after["documents"] <= before["documents"]
+    assert after["running_periodic_callbacks"] <= before["running_periodic_callbacks"]
     assert user_threads(after) == user_threads(before)
     assert after["threads"] <= before["threads"]
     # Python keeps freed arenas, so RSS need not fall back; it must not keep growing per session.

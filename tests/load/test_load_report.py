@@ -1,8 +1,8 @@
 """The load script end to end: a browser page and protocol sessions against a real server.
 
-Starts its own `panel serve`, runs `python -m lab.load` with one browser session and two protocol
-sessions at cheap settings, two moves each, and checks the report: every session opened, every move
-measured with no error, the figures well formed, and the text table printable.
+Starts its own `panel serve`, runs `python -m tools.load` with one browser session and two
+protocol sessions at cheap settings, two moves each, and checks the report: every session opened,
+every move measured with no error, the figures well formed, and the text table printable.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from lab.load import table
+from tools.load import table
 from lab.runs import Limits
 from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, lab_server
 
@@ -26,9 +26,9 @@ def test_load_reports_browser_and_protocol_moves() -> None:
     if not os.path.exists(CHROMIUM):
         pytest.skip("chromium is not installed (make test installs Debian's chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
-    with lab_server(extra=["--liveness", "--plugins", "lab.diagnostics"]) as url:
+    with lab_server(extra=["--liveness", "--plugins", "tools.diagnostics"]) as url:
         done = subprocess.run(
-            [sys.executable, "-m", "lab.load", "--url", f"{url}?{CHEAP}", "--sessions", "1",
+            [sys.executable, "-m", "tools.load", "--url", f"{url}?{CHEAP}", "--sessions", "1",
              "--protocol-sessions", "2", "--moves", "2", "--think", "0.3", "--stagger", "0.2",
              "--timeout", "120", "--json"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Protocol sessions (lab/load_protocol.py): real server sessions driven without a browser.
+"""Protocol sessions (tools/load_protocol.py): real server sessions driven without a browser.
 
 Starts its own `panel serve`, opens two sessions over Bokeh's websocket protocol with cheap settings
 from the URL, moves each one's batch slider three times, and checks that every move was answered by
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from lab.load import diagnostics
-from lab.load_protocol import ProtocolClass, _finished_table
+from tools.load import diagnostics
+from tools.load_protocol import ProtocolClass, _finished_table
 from tests.browser.conftest import ARTIFACTS, lab_server
 
 pytestmark = pytest.mark.browser  # it serves the app, like the browser tests (no chromium needed)
@@ -23,7 +23,7 @@ def test_the_clients_marks_are_the_pages_own() -> None:
 
     from lab import demo_view
     from lab.demo_view import STATUS_TEXT
-    from lab.load_protocol import DONE_PREFIX, STATUS_MARK
+    from tools.load_protocol import DONE_PREFIX, STATUS_MARK
 
     assert STATUS_TEXT["done"].startswith(DONE_PREFIX)
     assert not any(text.startswith(DONE_PREFIX) for k, text in STATUS_TEXT.items() if k != "done")
@@ -39,7 +39,7 @@ def test_finished_table_ignores_a_stale_one() -> None:
 @pytest.mark.timeout(300)
 def test_protocol_sessions_move_and_get_measured_tables() -> None:
     ARTIFACTS.mkdir(exist_ok=True)  # the server's log goes there
-    with lab_server(extra=["--liveness", "--plugins", "lab.diagnostics"]) as url:
+    with lab_server(extra=["--liveness", "--plugins", "tools.diagnostics"]) as url:
         crowd = ProtocolClass(f"{url}?{CHEAP}", sessions=2, moves=3, think_s=0.2,
                               timeout_s=90, stagger_s=0.2, seed=0)
         crowd.wait_opened()

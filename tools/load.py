@@ -1,19 +1,19 @@
 """Load and churn against a running lab server, with real browser sessions.
 
-`python -m lab.load --url http://127.0.0.1:5006/app --sessions 40 --moves 3` opens N pages (each in
-its own browser context, like N students) in one headless chromium, moves the batch slider with the
-keyboard, and times each move from the key press to the summary table showing the new run's numbers
-(on the page's clock: a keydown listener and a MutationObserver on the table, so the client's own
-polling adds nothing). A warm-up session first visits every setting the moves will use, so the
-measured moves are cached settings: what a class pays when everyone moves to a setting someone
-already ran.
+`python -m tools.load --url http://127.0.0.1:5006/app --sessions 40 --moves 3` opens N pages (each
+in its own browser context, like N students) in one headless chromium, moves the batch slider with
+the keyboard, and times each move from the key press to the summary table showing the new run's
+numbers (on the page's clock: a keydown listener and a MutationObserver on the table, so the
+client's own polling adds nothing). A warm-up session first visits every setting the moves will
+use, so the measured moves are cached settings: what a class pays when everyone moves to a setting
+someone already ran.
 
 `--protocol-sessions N` adds N sessions driven over Bokeh's websocket protocol instead of by a
-browser (`lab/load_protocol.py`): real server sessions whose clients cost the machine little, so a
+browser (`tools/load_protocol.py`): real server sessions whose clients cost the machine little, so a
 small machine can still play a whole class against its own server.
 
 `--churn N` instead opens and closes N sessions in waves and reports, from the server's
-/diagnostics endpoint (`--plugins lab.diagnostics`), what is left afterwards.
+/diagnostics endpoint (`--plugins tools.diagnostics`), what is left afterwards.
 
 The client shares the machine with the server when both run on one host; the report gives the whole
 machine's CPU use during the moves so a saturated client is visible, not hidden in the figures.
@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from lab.load_protocol import BATCH_TITLE, DONE_PREFIX, ProtocolClass
+from tools.load_protocol import BATCH_TITLE, DONE_PREFIX, ProtocolClass
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -42,65 +42,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-quic", "--disable-renderer-backgrounding",
                  "--disable-background-timer-throttling"]
 
-# Installed in every page before its scripts run. Panel draws widgets inside shadow roots, so the
-# helpers search through them; the observer watches the summary table's shadow root.
 STATUS_GRACE_MS = 5000  # how long the status line may trail the table
-PAGE_JS = """
-(() => {
-  const lab = window.__lab = {armed: false, actAt: null, doneAt: null, before: null, root: null};
-  function deep(sel, root) {
-    const hit = root.querySelector(sel);
-    if (hit) return hit;
-    for (const el of root.querySelectorAll('*')) {
-      if (el.shadowRoot) { const f = deep(sel, el.shadowRoot); if (f) return f; }
-    }
-    return null;
-  }
-  lab.table = () => {
-    if (!lab.root || !lab.root.isConnected && !(lab.root.host && lab.root.host.isConnected)) {
-      const t = deep('table.summary-table', document);
-      lab.root = t ? t.getRootNode() : null;
-    }
-    const t = lab.root ? lab.root.querySelector('table.summary-table') : null;
-    return t ? {text: t.innerText, stale: t.classList.contains('stale')} : null;
-  };
-  lab.status = () => {
-    const host = deep('.run-status', document);
-    if (!host) return '';
-    const root = host.shadowRoot || host;
-    return [...root.children].filter(c => !['STYLE', 'LINK'].includes(c.tagName))
-      .map(c => c.innerText).join(' ').trim();
-  };
-  lab.check = () => {
-    if (!lab.armed || lab.actAt === null || lab.doneAt !== null) return lab.doneAt !== null;
-    const t = lab.table();
-    if (t && !t.stale && t.text !== lab.before) lab.doneAt = performance.now();
-    return lab.doneAt !== null;
-  };
-  lab.arm = () => {
-    const t = lab.table();
-    lab.before = t ? t.text : null;
-    lab.actAt = null; lab.doneAt = null; lab.armed = true;
-    if (lab.root && !lab.root.__observed) {
-      new MutationObserver(lab.check).observe(lab.root, {subtree: true, childList: true,
-                                                         characterData: true, attributes: true});
-      lab.root.__observed = true;
-    }
-  };
-  lab.hidePlots = () => {  // --light: keep the DOM and every update, skip drawing the figures
-    const walk = root => {
-      for (const el of root.querySelectorAll('*')) {
-        if (el.classList.contains('bk-Figure')) el.style.display = 'none';
-        else if (el.shadowRoot) walk(el.shadowRoot);
-      }
-    };
-    walk(document);
-  };
-  const act = () => { if (lab.armed && lab.actAt === null) lab.actAt = performance.now(); };
-  window.addEventListener('keydown', act, true);
-  window.addEventListener('click', act, true);
-})();
-"""
+PAGE_JS = Path(__file__).with_name("load_page_probe.js")  # read when a session opens
 
 
 @dataclass
@@ -174,7 +117,7 @@ class Client:
     async def open(self, i: int):
         """A new session: its own context, loaded until its first run is measured."""
         context = await self.browser.new_context(viewport={"width": 1280, "height": 900})
-        await context.add_init_script(PAGE_JS)
+        await context.add_init_script(path=PAGE_JS)
         page = await context.new_page()
         page.on("console", lambda m: self.tally.console_errors.append(
             f"session {i}: {m.text} ({m.location.get('url', '')[:120]})")
@@ -271,8 +214,8 @@ async def load(url: str, sessions: int, moves: int, server_pid: int | None, stag
 
         t0 = time.monotonic()
         server_open_before = cpu_ticks(server_pid)[0] if server_pid else 0
-        # Protocol sessions (lab/load_protocol.py) play the rest of the class from one thread: they
-        # open alongside the browsers and start moving with them; their latencies are kept apart.
+        # Protocol sessions (tools/load_protocol.py) play the rest of the class from one thread:
+        # they open alongside the browsers and move with them; their latencies are kept apart.
         others = ProtocolClass(url, protocol, moves, think_s, timeout_s, stagger_s, seed) \
             if protocol else None
         pages = await asyncio.gather(*(open_one(i) for i in range(sessions)))
@@ -346,7 +289,7 @@ async def settle(url: str, timeout_s: float) -> dict:
         d = diagnostics(url)
         if d is None:
             raise SystemExit("--churn needs the server's /diagnostics endpoint "
-                             "(panel serve ... --plugins lab.diagnostics)")
+                             "(panel serve ... --plugins tools.diagnostics)")
         s = d["service"]
         if (d["sessions"] == 0 and not (s["waiting"] or s["background"] or s["running"])) \
                 or time.monotonic() > deadline:
@@ -426,7 +369,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lab.load", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.load", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:5006/app")
     ap.add_argument("--sessions", type=int, default=40)
     ap.add_argument("--moves", type=int, default=3, help="slider moves per session")
@@ -448,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                          "the same machine is not starved by the browsers")
     ap.add_argument("--protocol-sessions", type=int, default=0, metavar="N",
                     help="N more sessions over Bokeh's websocket protocol, without a browser "
-                         "(lab/load_protocol.py): a class on a machine too small for N browsers")
+                         "(tools/load_protocol.py): a class on a machine too small for N browsers")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     args = ap.parse_args(argv)
     if args.nice:

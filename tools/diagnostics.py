@@ -1,12 +1,16 @@
 """A read-only JSON view of what one server process holds, for load and churn checks.
 
-Served only when asked for: `panel serve lab/app.py --plugins lab.diagnostics` adds GET /diagnostics
-(under --prefix if one is set). It reports counts only (sessions, threads, periodic callbacks, the
-engine queue, the classroom hub, resident memory): no session ids, no query strings, no token.
-`?deep=1` also collects garbage and counts the live per-session objects, to catch leaks; that walks
-the whole heap, so it is for tests, not for polling. `gc` reports the garbage collector's pauses
-since the plugin loaded: a collection of the oldest generation walks every live object, and while
+A Panel plugin, served only when asked for: `PYTHONPATH=. panel serve lab/app.py --plugins
+tools.diagnostics` adds GET /diagnostics (under --prefix if one is set). It reports counts only
+(sessions, threads, periodic callbacks, the engine queue, the classroom hub, resident memory): no
+session ids, no query strings, no token. `?deep=1` also collects garbage and counts the live
+per-session objects, documents and running periodic callbacks, to catch leaks; that walks the whole
+heap, so it is for tests, not for polling. `gc` reports the garbage collector's pauses since the
+endpoint was first asked: a collection of the oldest generation walks every live object, and while
 it runs the event loop serves no session.
+
+Everything is read through public API (Bokeh's server sessions and their documents, `gc`, /proc);
+nothing here reads Panel's private registries, so a Panel release cannot silently change a count.
 """
 from __future__ import annotations
 
@@ -18,11 +22,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import panel as pn
 from tornado.web import RequestHandler
 
 from engine.cpu_threads import blas_threads
 from lab import shared
+from tools.gc_policy import full_collect
 
 
 def proc_status(pid: int | str = "self") -> dict[str, int]:
@@ -41,13 +45,18 @@ def thread_names() -> dict[str, int]:
 
 
 class GcPauses:
-    """Count and time the garbage collector's passes, per generation (gc.callbacks)."""
+    """Count and time the garbage collector's passes, per generation, once `watch` is called."""
 
     def __init__(self) -> None:
         self.count = [0, 0, 0]
         self.total_s = [0.0, 0.0, 0.0]
         self.max_s = [0.0, 0.0, 0.0]
         self._start: float | None = None
+
+    def watch(self) -> None:
+        """Start timing the collector's passes (gc.callbacks); calling it again changes nothing."""
+        if self not in gc.callbacks:
+            gc.callbacks.append(self)
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -62,39 +71,39 @@ class GcPauses:
     def stats(self) -> dict:
         out = {f"gen{g}": {"count": self.count[g], "total_s": round(self.total_s[g], 3),
                            "max_s": round(self.max_s[g], 3)} for g in range(3)}
-        out["frozen_objects"] = gc.get_freeze_count()  # lab/gc_policy.py keeps pages out of sight
+        out["frozen_objects"] = gc.get_freeze_count()  # tools/gc_policy.py keeps pages out of sight
         return out
 
 
-GC_PAUSES = GcPauses()
-gc.callbacks.append(GC_PAUSES)
-
-
-def live_objects() -> dict[str, int]:
-    """How many per-session objects are still alive after a full collection."""
+def heap_counts() -> dict:
+    """After a full collection: the per-session objects still alive, and the Bokeh documents and
+    running Panel periodic callbacks alive, per-session or not (Panel keeps one of its own)."""
     # Imported here, not at plugin load: the page's modules belong to the app's sessions.
+    from bokeh.document import Document
+    from panel.io.callbacks import PeriodicCallback
     from lab.classroom_view import PresenterBar, StudentBar
     from lab.demo import DemoController
     from lab.state import LabState
-    from lab.gc_policy import reclaim
+    full_collect()  # frozen pages included: closed pages are really gone
+    objects = gc.get_objects()
     kinds = (LabState, DemoController, StudentBar, PresenterBar)
-    reclaim()  # a full collection over the unfrozen heap: closed pages are really gone
-    counts = Counter(type(o).__name__ for o in gc.get_objects() if isinstance(o, kinds))
-    return {k.__name__: counts.get(k.__name__, 0) for k in kinds}
+    # A callback started outside any session, or left running after one, is found only here.
+    return {"live_objects": {k.__name__: sum(isinstance(o, k) for o in objects) for k in kinds},
+            "documents": sum(isinstance(o, Document) for o in objects),
+            "running_periodic_callbacks": sum(isinstance(o, PeriodicCallback) and o.running
+                                              for o in objects)}
 
 
 def periodic_callbacks(server=None) -> int:
-    """Running periodic callbacks: Panel's, plus those added on sessions' documents directly."""
+    """Periodic callbacks on the live sessions' documents (Panel's session-scoped ones included)."""
     from bokeh.server.callbacks import PeriodicCallback
-    count = sum(cb.running for cbs in pn.state._periodic.values() for cb in cbs)
-    for path in (server.app_paths if server else ()):
-        for session in server.get_sessions(path):
-            count += sum(isinstance(cb, PeriodicCallback)
-                         for cb in session.document.session_callbacks)
-    return count
+    return sum(isinstance(cb, PeriodicCallback)
+               for path in (server.app_paths if server else ())
+               for session in server.get_sessions(path)
+               for cb in session.document.session_callbacks)
 
 
-def snapshot(server=None, deep: bool = False) -> dict:
+def snapshot(server=None, deep: bool = False, pauses: GcPauses | None = None) -> dict:
     """Everything the endpoint reports; `server` is the BokehTornado application, if any."""
     sessions = {path: len(server.get_sessions(path)) for path in server.app_paths} if server else {}
     status = proc_status()
@@ -103,25 +112,29 @@ def snapshot(server=None, deep: bool = False) -> dict:
         "threads": status["Threads"], "python_threads": thread_names(),
         "rss_kb": status["VmRSS"], "peak_rss_kb": status["VmHWM"],
         "periodic_callbacks": periodic_callbacks(server),
-        "panel_views": len(pn.state._views),
         "service": shared.service().stats(),
         "classroom": shared.classroom().stats(),
-        "gc": GC_PAUSES.stats(),
+        "gc": pauses.stats() if pauses else None,
         "blas_threads": blas_threads(),  # LAB_CPU_THREADS, once the first page has loaded
     }
     if deep:
-        out["live_objects"] = live_objects()
+        out.update(heap_counts())
     return out
 
 
 class DiagnosticsHandler(RequestHandler):
     """GET /diagnostics: the snapshot as JSON."""
 
+    def initialize(self, pauses: GcPauses) -> None:
+        self.pauses = pauses
+
     def get(self) -> None:
+        self.pauses.watch()  # from the first request on: loading the plugin changes nothing
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
         deep = self.get_argument("deep", "") == "1"
-        self.write(json.dumps(snapshot(self.application, deep=deep)))
+        self.write(json.dumps(snapshot(self.application, deep=deep, pauses=self.pauses)))
 
 
-ROUTES = [(r"/diagnostics", DiagnosticsHandler, {})]  # what `panel serve --plugins` reads
+# What `panel serve --plugins` reads; the one GcPauses is the endpoint's, shared by its requests.
+ROUTES = [(r"/diagnostics", DiagnosticsHandler, {"pauses": GcPauses()})]

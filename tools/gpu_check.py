@@ -1,12 +1,14 @@
 """One script that checks and measures the CUDA path on a GPU machine, in under five minutes.
 
-    python -m engine.gpu_check --out DIR [--dry-run]
+    python -m tools.gpu_check --out DIR [--dry-run]
 
 Steps, in order, each inside its own time box and failing soft (the error is recorded, the next
-step runs): (a) the Triton kernel tests compiled on CUDA; (b) device copy bandwidth and bf16 matmul
-throughput; (c) the kernel's achieved bandwidth on long contexts, against the copy bandwidth;
-(d) pure-decode step time with CUDA graphs on and off, against the bandwidth floor; (e) `python -m
-engine.bench`; (f) TPOT against batch and TTFT against context from `python -m engine run`. Writes
+step runs): (a) the Triton kernel tests compiled on CUDA (pytest in a subprocess, from the
+repository root); (b) the engine's own device probe (`engine.device_probe.probe`: read bandwidth
+and matmul throughput, the figures its floors use); (c) the kernel's achieved bandwidth on long
+contexts, against that read bandwidth; (d) pure-decode step time with CUDA graphs on and off,
+against the bandwidth floor; (e) `python -m engine.bench`; (f) TPOT against batch and TTFT against
+context from `python -m engine run`. Writes
 DIR/gpu_check.json and DIR/gpu_check.md. Without CUDA it refuses (exit 2) unless --dry-run, which
 runs the same steps on the CPU with tiny sizes (the kernel in triton's interpreter) so that the
 script itself stays tested.
@@ -29,6 +31,8 @@ from typing import Any, Callable
 
 import torch
 
+from engine.device_probe import probe
+
 ROOT = Path(__file__).resolve().parent.parent  # the repository root: subprocesses run from here
 # Numbers worth a table cell: mean latencies, throughputs, ratios (not every percentile).
 HEADLINE = re.compile(r"(ttft|tpot|itl)[^.]*(\.mean)?$|throughput|(^|[._])ratio", re.I)
@@ -42,9 +46,6 @@ class Plan:
     total_s: float  # the whole script; each step's box is also cut to what is left of this
     test_filter: str  # pytest -k expression ("" = every kernel test)
     test_box_s: float
-    copy_bytes: int  # far beyond any cache, so the copy streams from memory
-    matmul_n: int
-    matmul_dtype: torch.dtype
     kernel_dtype: torch.dtype
     batches: tuple[int, ...]
     contexts: tuple[int, ...]
@@ -67,15 +68,15 @@ class Plan:
 GPU_PLAN = Plan(
     device="cuda", total_s=290, test_filter="",
     test_box_s=100,  # compiling the tests' ~30 kernel variants on a fresh machine takes most of it
-    copy_bytes=1 << 30, matmul_n=8192, matmul_dtype=torch.bfloat16, kernel_dtype=torch.bfloat16,
+    kernel_dtype=torch.bfloat16,
     batches=(1, 4, 16, 64), contexts=(4096, 8192, 16384, 32768), page_size=16, kernel_box_s=40,
     bench_box_s=55, bench_quick=False, model="gpu-1b", output_len=32,
     tpot_batches=(1, 8, 64, 256), tpot_context=512,
     ttft_contexts=(512, 2048, 8192), run_box_s=40, serving_box_s=65,
     graph_batches=(1, 8, 64), graph_context=128, graph_box_s=35)
 DRY_PLAN = Plan(
-    device="cpu", total_s=75, test_filter="smoke", test_box_s=25, copy_bytes=16 << 20,
-    matmul_n=256, matmul_dtype=torch.float32, kernel_dtype=torch.float32, batches=(1, 2),
+    device="cpu", total_s=75, test_filter="smoke", test_box_s=25, kernel_dtype=torch.float32,
+    batches=(1, 2),
     contexts=(40, 100), page_size=16, kernel_box_s=10, bench_box_s=15, bench_quick=True,
     model="tiny", output_len=4,
     tpot_batches=(1, 2), tpot_context=16, ttft_contexts=(32,), run_box_s=8, serving_box_s=15,
@@ -99,20 +100,6 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
-
-
-def _copy_gbs(device: torch.device, n_bytes: int) -> float:
-    """Device-to-device copy bandwidth, counting bytes read plus bytes written."""
-    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    return 2 * n_bytes / _timed(lambda: dst.copy_(src), device, repeats=10) / 1e9
-
-
-def _matmul_tflops(device: torch.device, n: int, dtype: torch.dtype) -> float:
-    """Dense square matmul throughput (2 n^3 FLOPs per product)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / _timed(lambda: a @ b, device, repeats=10) / 1e12
 
 
 def _run(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -151,12 +138,12 @@ def kernel_tests(plan: Plan, box_s: float) -> dict[str, Any]:
 
 
 def device_probe(plan: Plan, box_s: float) -> dict[str, Any]:
-    """(b) copy bandwidth and matmul throughput: the ceilings the kernel and engine are held to."""
+    """(b) the engine's device probe: the ceilings the kernel and the engine are held to."""
     del box_s  # a second or two by construction: nothing to cut short
-    device = torch.device(plan.device)
-    return {"copy_gbs": _copy_gbs(device, plan.copy_bytes),
-            "matmul_tflops": _matmul_tflops(device, plan.matmul_n, plan.matmul_dtype),
-            "matmul_dtype": str(plan.matmul_dtype).removeprefix("torch.")}
+    measured = probe(plan.device)
+    return {"device": measured.device, "read_gbs": measured.bandwidth_gbs,
+            "matmul_tflops": measured.matmul_tflops,
+            "read_samples_gbs": list(measured.read_samples_gbs)}
 
 
 def _attention_shape(model: str) -> tuple[int, int, int]:
@@ -166,7 +153,7 @@ def _attention_shape(model: str) -> tuple[int, int, int]:
     return cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
 
-def kernel_bandwidth(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[str, Any]:
+def kernel_bandwidth(plan: Plan, box_s: float, read_gbs: float | None) -> dict[str, Any]:
     """(c) bytes of K+V the kernel reads per second, over batch x context, and a few tile shapes."""
     from engine.kernels import triton_paged_attention as tpa
     from engine.kernels.paged_attention import paged_decode_attention_ref
@@ -194,7 +181,7 @@ def kernel_bandwidth(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[s
         seconds = _timed(lambda: tpa.paged_decode_attention_triton(*args, **kwargs), device, 5)
         gbs = 2 * batch * context * n_kv * d_head * elem / seconds / 1e9  # K and V, each read once
         row = {"batch": batch, "context": context, "ms": seconds * 1e3, "gbs": gbs,
-               "pct_of_copy": 100 * gbs / copy_gbs if copy_gbs else None,
+               "pct_of_read": 100 * gbs / read_gbs if read_gbs else None,
                "splits": tpa.split_plan(batch, n_kv, per_seq * page, device, **kwargs)[0]}
         if batch * context <= 1 << 18:  # the reference gathers a copy of the cache: keep it small
             err = tpa.paged_decode_attention_triton(*args, **kwargs).float()
@@ -225,9 +212,9 @@ def kernel_bandwidth(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[s
     return result
 
 
-def decode_graphs(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[str, Any]:
+def decode_graphs(plan: Plan, box_s: float, read_gbs: float | None) -> dict[str, Any]:
     """(d) median pure-decode step time (each sequence's TPOT) at a few batches, CUDA graphs on
-    and off, one loaded model for every engine; the floor is a step's bytes over copy bandwidth."""
+    and off, one loaded model for every engine; the floor is a step's bytes over read bandwidth."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.weights import load_model
@@ -263,9 +250,9 @@ def decode_graphs(plan: Plan, box_s: float, copy_gbs: float | None) -> dict[str,
                 torch.cuda.empty_cache()
         if "eager_ms" in row:
             row["speedup"] = row["eager_ms"] / row["graphs_ms"]
-        if copy_gbs and "graphs_ms" in row:
+        if read_gbs and "graphs_ms" in row:
             step_bytes = model.weight_bytes() + batch * (context + output / 2) * per_token
-            row["floor_ms"] = 1e3 * step_bytes / (copy_gbs * 1e9)
+            row["floor_ms"] = 1e3 * step_bytes / (read_gbs * 1e9)
             row["graphs_over_floor"] = row["graphs_ms"] / row["floor_ms"]
         result["rows"].append(row)
     return result
@@ -359,13 +346,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         [[tests["ok"], *(tests["counts"].get(k, 0) if "counts" in tests else "-"
                          for k in ("passed", "failed", "skipped")), tests["seconds"]]])
     out += _failed(tests)
-    probe = report["device_probe"]
-    out += ["## (b) Device probe", ""] + _table(
-        ["copy GB/s (read + write)", "matmul TFLOP/s", "dtype"],
-        [[probe.get("copy_gbs"), probe.get("matmul_tflops"), probe.get("matmul_dtype")]])
-    out += _failed(probe)
+    dev = report["device_probe"]
+    out += ["## (b) Device probe (engine.device_probe)", ""] + _table(
+        ["device", "read GB/s", "matmul TFLOP/s"],
+        [[dev.get("device"), dev.get("read_gbs"), dev.get("matmul_tflops")]])
+    out += _failed(dev)
     kern = report["kernel_bandwidth"]
-    cols = ["batch", "context", "splits", "ms", "gbs", "pct_of_copy"]
+    cols = ["batch", "context", "splits", "ms", "gbs", "pct_of_read"]
     out += ["## (c) Kernel bandwidth (K+V bytes read / time)", "",
             f"Heads (Hq, Hkv, D): {kern.get('shape')}; {kern.get('dtype')}; page size "
             f"{kern.get('page_size')}; truncated: {kern.get('truncated')}.", ""]
@@ -379,7 +366,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             "graphs_over_floor"]
     out += ["## (d) Decode graphs: pure-decode step time, CUDA graphs on and off", "",
             f"Model {graphs.get('model')}; prompt {graphs.get('context')}, output "
-            f"{graphs.get('output_len')}; floor = (weights + KV read) / copy bandwidth; "
+            f"{graphs.get('output_len')}; floor = (weights + KV read) / read bandwidth; "
             f"truncated: {graphs.get('truncated')}.", ""]
     out += _table(cols, [[r.get(c) for c in cols] for r in graphs.get("rows", [])])
     out += _failed(graphs)
@@ -411,7 +398,7 @@ def _versions() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every step, write DIR/gpu_check.json and DIR/gpu_check.md; 2 when there is no GPU."""
-    parser = argparse.ArgumentParser(prog="python -m engine.gpu_check",
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json/.md")
     parser.add_argument("--dry-run", action="store_true",
@@ -431,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                                        "plan": plan.__dict__}}
     _step(report, "kernel_tests", lambda box: kernel_tests(plan, box), plan.test_box_s, end)
     _step(report, "device_probe", lambda box: device_probe(plan, box), 30, end)
-    copy_gbs = report["device_probe"].get("copy_gbs")
-    _step(report, "kernel_bandwidth", lambda box: kernel_bandwidth(plan, box, copy_gbs),
+    read_gbs = report["device_probe"].get("read_gbs")
+    _step(report, "kernel_bandwidth", lambda box: kernel_bandwidth(plan, box, read_gbs),
           plan.kernel_box_s, end)
-    _step(report, "decode_graphs", lambda box: decode_graphs(plan, box, copy_gbs),
+    _step(report, "decode_graphs", lambda box: decode_graphs(plan, box, read_gbs),
           plan.graph_box_s, end)
     _step(report, "bench", lambda box: bench(plan, box), plan.bench_box_s, end)
     _step(report, "serving", lambda box: serving(plan, box), plan.serving_box_s, end)

@@ -154,7 +154,7 @@ class Session:
             raise LookupError("the page has no batch slider, summary table or status line")
         self.reader = asyncio.ensure_future(self._read())
         await self.wire.send("PATCH-DOC", {"events": [READY]})  # as a page does once drawn
-        # Open means the first run is measured and shown, as for a browser page (lab/load.py).
+        # Open means the first run is measured and shown, as for a browser page (tools/load.py).
         await self.until(lambda: DONE_PREFIX in self.status and _finished_table(self.text))
 
     async def _expect(self, msgtype: str) -> str:
