@@ -1,7 +1,11 @@
-"""The engine's import boundary: no UI libraries anywhere in `engine/`, no torch in bookkeeping.
+"""The repository's import boundaries: no UI libraries anywhere in `engine/`, no torch in
+bookkeeping, and imports that run one way between the top-level folders.
 
-Checked twice: statically over every source file's import statements (including imports inside
-functions), and dynamically by importing every engine module in a fresh interpreter.
+The engine boundary is checked twice: statically over every source file's import statements
+(including imports inside functions), and dynamically by importing every engine module in a fresh
+interpreter. The folders are checked statically: engine <- widgets <- lab, and `tools/` (ops
+tooling, not installed) may import all three while nothing in them, nor the tests' app fixtures,
+imports it.
 """
 from __future__ import annotations
 
@@ -14,6 +18,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "engine"
+# What each of the project's folders may import of the others: one way, engine first.
+MAY_IMPORT = {"engine": set(), "widgets": {"engine"}, "lab": {"engine", "widgets"},
+              "tools": {"engine", "widgets", "lab"}}
+# The tests' fixtures that build or serve the app: they stand for the app, so no tools either.
+APP_FIXTURES = ["tests/conftest.py", "tests/fakes.py", "tests/serverkit.py",
+                "tests/browser/conftest.py"]
 UI = {"panel", "bokeh", "param"}
 # Plain-Python bookkeeping (STYLE.md: "no torch in bookkeeping").
 BOOKKEEPING = ["block_manager", "config", "metrics", "records", "sampling_params", "scheduler",
@@ -68,3 +78,28 @@ def test_importing_every_engine_module_loads_no_ui_library() -> None:
     assert {"engine.llm_engine", "engine.cli", "engine.model", "engine.analytic"} <= set(
         result["modules"])
     assert result["ui"] == []
+
+
+def test_folders_import_one_way() -> None:
+    offenders = {}
+    for folder, allowed in MAY_IMPORT.items():
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            bad = imported_roots(f) & (set(MAY_IMPORT) - allowed - {folder})
+            if bad:
+                offenders[str(f.relative_to(ROOT))] = sorted(bad)
+    assert offenders == {}
+
+
+def test_app_fixtures_do_not_import_tools() -> None:
+    for name in APP_FIXTURES:
+        assert "tools" not in imported_roots(ROOT / name), name
+
+
+def test_tools_stay_out_of_the_installed_packages_and_the_lab() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    packages = next(line for line in text.splitlines() if line.startswith("packages"))
+    assert '"tools' not in packages and '"lab"' in packages
+    assert (ROOT / "tools" / "__init__.py").exists()
+    leftovers = [f.name for f in (ROOT / "lab").iterdir()
+                 if any(word in f.name for word in ("load", "diagnostics", "gc_"))]
+    assert leftovers == []
