@@ -165,3 +165,45 @@ class ThreadServer:
         self.state.loop.stop()
         self.aio.call_soon_threadsafe(self.aio.stop)
         self.thread.join(10)
+
+
+class AppThread:
+    """A Tornado application of the given routes on a loopback port, served from a thread of this
+    process; `close()` also closes open streams, as a server going away would."""
+
+    def __init__(self, routes: list, port: int = 0) -> None:
+        import tornado.httpserver
+        import tornado.web
+
+        sockets = tornado.netutil.bind_sockets(port, HOST)
+        self.port = sockets[0].getsockname()[1]
+        self.url = f"http://{HOST}:{self.port}"
+        self.aio = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.aio.run_forever, daemon=True)
+        self.thread.start()
+
+        async def boot() -> tornado.httpserver.HTTPServer:
+            server = tornado.httpserver.HTTPServer(tornado.web.Application(routes))
+            server.add_sockets(sockets)
+            return server
+
+        self.http = asyncio.run_coroutine_threadsafe(boot(), self.aio).result(30)
+
+    def call(self, fn, *args):
+        """fn(*args) on the server's loop, as its handlers run; returns its result."""
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), self.aio).result(10)
+
+    def close(self) -> None:
+        """Stop serving and close every connection; a second call does nothing."""
+        if not self.thread.is_alive():
+            return
+
+        async def stop() -> None:
+            self.http.stop()
+            await self.http.close_all_connections()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.aio).result(10)
+        self.aio.call_soon_threadsafe(self.aio.stop)
+        self.thread.join(10)
