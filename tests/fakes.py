@@ -1,31 +1,23 @@
 """Stand-ins shared by the lab's unit tests."""
 from __future__ import annotations
 
-from lab.runs import RunKey
+from lab.engine_client import EngineInfo
 
 
-class FakeService:
-    """The engine service's surface as a DemoController uses it: records what a session asks
-    for (every submission counted, foreground keys kept in order) and runs nothing."""
+class FakeClient:
+    """The engine client's surface as a DemoController uses it: answers `info()` with a fixed
+    device, records what a session asks to run, and measures nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: EngineInfo) -> None:
+        self._engine = engine
         self.submitted = 0
-        self.keys: list[RunKey] = []
+        self.specs: list[dict] = []
 
-    def submit(self, session, key, run, on_done, on_step=None, background=False) -> bool:
+    def info(self) -> EngineInfo:
+        return self._engine
+
+    def stream(self, session, runs, on_event, background=False, max_run_s=None):
         self.submitted += 1
         if not background:
-            self.keys.append(key)
-        return False  # never answered from a cache
-
-    def cached(self, key):
+            self.specs.extend(runs)
         return None
-
-    def forget(self, session) -> None:
-        pass
-
-    def drop_background(self, session) -> None:
-        pass
-
-    def queue_position(self, session) -> int:
-        return 0

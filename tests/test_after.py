@@ -21,6 +21,7 @@ from lab.prediction import (Verdict, attach_prediction_gate, direction, grade, m
                             pick_control, relative_change)
 from lab.runs import RunKey
 from lab.state import LabState
+from widgets.run_state import RunState
 from widgets.inquiry import VisualInquiry, plot_anchor
 from widgets.practice import PracticeLoop
 from widgets.research_room import ResearchRoom, fill_prompt
@@ -159,6 +160,7 @@ class FakeDemo:
 
     def __init__(self) -> None:
         self.state = LabState()
+        self.run = RunState()
         self.listeners: list = []
         self.shown_key = None
 
@@ -229,7 +231,7 @@ def test_skip_reveals_with_a_note_and_the_numbers(gated, content):
 def test_refused_run_reveals_with_a_note(gated, content):
     demo, gate, _ = gated
     demo.state.batch = 32
-    demo.state.status = "failed"
+    demo.run.status = "failed"
     assert gate.revealed and content.after["gate"]["no_result"] in gate.verdict_text
 
 

@@ -1,7 +1,7 @@
 """Bad input never reaches the learner as a traceback: fuzzed settings, fuzzed run keys, and a
 service that keeps serving through failing runs and sessions that come and go.
 
-Extends tests/test_lab_state.py (fixed cases of `apply` and `check_run`) and tests/test_service.py
+Extends tests/test_lab_state.py (fixed cases of `apply` and `check_run`) and tests/test_run_queue.py
 (fixed orders of submit, supersede and failure) with generated ones.
 """
 from __future__ import annotations
@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 
 from engine.config import PRESETS
 from engine.records import Trace
-from lab.demo import DemoController
-from lab.runs import Limits, ModelShelf, RunKey, check_run, execute, kv_need_bytes
-from lab.service import EngineService, Outcome
+from engine.server.measured_runs import ModelShelf, RunSpec, execute
+from engine.server.run_queue import Outcome, RunQueue
+from lab.runs import Limits, RunKey, check_run, kv_need_bytes, run_spec
 from lab.state import LabState
-from tests.fakes import FakeService
+from tests.fakes import FakeClient
+from tests.labkit import TEST_ENGINE, make_demo
 
 FAST = settings(max_examples=200, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -79,7 +80,7 @@ def test_apply_drops_a_huge_integer_with_a_note():
     assert notes and notes[0].startswith("batch")
 
 
-LIMITS = Limits(kv_budget_bytes=256 * 2**20, max_run_s=20.0, device="cpu")
+LIMITS = Limits(kv_budget_bytes=256 * 2**20, max_run_s=20.0)
 run_keys = st.builds(
     RunKey,
     model=st.one_of(st.sampled_from(sorted(PRESETS)), st.text(max_size=10)),
@@ -93,7 +94,7 @@ run_keys = st.builds(
 @FAST
 @given(run_keys)
 def test_check_run_answers_none_or_a_sentence_and_refuses_what_does_not_fit(key):
-    why = check_run(key, LIMITS)
+    why = check_run(key, LIMITS, TEST_ENGINE)
     assert why is None or (isinstance(why, str) and why)
     if key.model in PRESETS and min(key.batch, key.context, key.page, key.output) >= 1:
         if kv_need_bytes(key, PRESETS[key.model], 4) > LIMITS.kv_budget_bytes:
@@ -105,15 +106,15 @@ def test_check_run_answers_none_or_a_sentence_and_refuses_what_does_not_fit(key)
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(LabState.CONTROLS), raw_values, min_size=1, max_size=7))
 def test_demo_refuses_before_submitting_and_always_says_why(values):
-    service = FakeService()
-    demo = DemoController(LabState(), service, ModelShelf("cpu"), LIMITS)
+    service = FakeClient(TEST_ENGINE)
+    demo = make_demo(service, LabState(), LIMITS)
     demo.state.apply(values)
     demo.submit()
-    why = check_run(demo.state.key(), LIMITS)
+    why = check_run(demo.state.key(), LIMITS, TEST_ENGINE)
     if why is None:
-        assert demo.state.status == "queued" and service.submitted >= 1
+        assert demo.run.status == "queued" and service.submitted >= 1
     else:
-        assert demo.state.status == "refused" and demo.notice.message.startswith(why)
+        assert demo.run.status == "refused" and demo.notice.message.startswith(why)
         assert service.submitted == 0
 
 
@@ -134,7 +135,7 @@ def test_service_answers_each_listener_at_most_once_and_ends_idle(steps, release
     closing sessions: no listener hears twice, each session's last live request is answered, the
     failures say so, and the worker ends with nothing queued. A blocking job holds the worker
     until step `release_at`, so the steps before it meet a full queue, deterministically."""
-    service = EngineService()
+    service = RunQueue()
     gate = threading.Event()
     service.submit("z", "blocker", lambda on_step, cancel: gate.wait(10) and fake_trace("z"),
                    lambda outcome: None)
@@ -186,7 +187,7 @@ def test_service_answers_each_listener_at_most_once_and_ends_idle(steps, release
 def test_a_shared_waiting_job_survives_its_first_session_moving_on():
     """Two students queue the same setting; the first moves on before it runs. The second must
     still get the run, and the worker must keep serving."""
-    service = EngineService()
+    service = RunQueue()
     gate = threading.Event()
     got: dict[str, Outcome] = {}
     service.submit("x", "blocker", lambda on_step, cancel: gate.wait(10) and fake_trace("x"),
@@ -223,7 +224,7 @@ def test_an_exception_inside_the_real_engine_fails_only_that_job(monkeypatch):
         return real(self, batch)
 
     monkeypatch.setattr(llm_engine.ModelRunner, "run", faulty)
-    service = EngineService()
+    service = RunQueue()
     got: dict[str, Outcome] = {}
     done = threading.Event()
 
@@ -237,7 +238,8 @@ def test_an_exception_inside_the_real_engine_fails_only_that_job(monkeypatch):
     try:
         for session, batch in (("a", 2), ("b", 3), ("c", 1)):
             key = RunKey("tiny", batch=batch, context=16, page=4, output=3)
-            service.submit(session, key, lambda on_step, cancel, k=key: execute(
+            spec = RunSpec.from_json(run_spec(key, TEST_ENGINE), kv_cap_bytes=2**30)
+            service.submit(session, spec.cache_key(), lambda on_step, cancel, k=spec: execute(
                 k, shelf, on_step, cancel), on_done(session))
         assert done.wait(60)
     finally:
@@ -253,8 +255,8 @@ def test_an_exception_inside_the_real_engine_fails_only_that_job(monkeypatch):
     {"batch": 64, "context": 4096, "output": 256, "page": 256},
 ])
 def test_an_oversized_setting_is_refused_with_a_notice_and_nothing_runs(values):
-    service = FakeService()
-    demo = DemoController(LabState(), service, ModelShelf("cpu"), LIMITS)
+    service = FakeClient(TEST_ENGINE)
+    demo = make_demo(service, LabState(), LIMITS)
     demo.state.apply(values)
-    assert demo.state.status == "refused" and service.submitted == 0
+    assert demo.run.status == "refused" and service.submitted == 0
     assert demo.notice.alert.visible and demo.notice.message

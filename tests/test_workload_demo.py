@@ -2,7 +2,7 @@
 policies on the same requests, the rate sweep and the two-floor roofline, without a browser.
 
 The controller tests drive the real engine (cpu-8m, a handful of short requests) through the shared
-service; the rest are plain functions over keys and hand-made traces.
+engine server (on a thread); the rest are plain functions over keys and hand-made traces.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from engine.config import PRESETS
 from engine.llm_engine import Cancelled
 from engine.metrics import summarize
 from engine.records import Trace
-from lab.demo import DemoController
-from lab.runs import (Limits, ModelShelf, RunKey, check_run, estimate_run_s, floors_ms,
+from lab.runs import (Limits, RunKey, check_run, estimate_run_s, floors_ms,
                       kv_capacity_bytes, num_blocks, other_policy_key, rate_key, ridge_batch,
                       running_bounds, sweep_key)
-from lab.service import EngineService
+from engine.server.run_queue import RunQueue
 from lab.state import LabState
+from tests.labkit import TEST_ENGINE, lab_engine, make_demo, settle_all
 from engine import analytic
 from widgets.goodput_rate_plot import RatePoint, knee
 from widgets.queue_plot import describe
@@ -43,19 +43,19 @@ def test_kv_memory_is_the_slider_and_the_server_cap_still_applies():
     key = RunKey("cpu-8m", 4, 32, 16, 8, kv_mb=2)
     assert kv_capacity_bytes(key, CFG, 4) == 2 * 2**20
     assert num_blocks(key, CFG, 4) == 2 * 2**20 // (16 * PER_TOKEN)
-    why = check_run(key.with_(kv_mb=300), Limits(device="cpu", kv_budget_bytes=256 * 2**20))
+    why = check_run(key.with_(kv_mb=300), Limits(kv_budget_bytes=256 * 2**20), TEST_ENGINE)
     assert why is not None and "cap of 256 MB" in why
 
 
 def test_a_request_no_cache_of_that_size_could_hold_is_refused():
     # 1 MB of cpu-8m KV holds 170 tokens; one request of 512 + 64 tokens never fits.
-    why = check_run(RunKey("cpu-8m", 1, 512, 16, 64, kv_mb=1), Limits(device="cpu"))
+    why = check_run(RunKey("cpu-8m", 1, 512, 16, 64, kv_mb=1), Limits(), TEST_ENGINE)
     assert why is not None and "could never run" in why and "1 MB" in why
 
 
 def test_mixed_lengths_are_checked_on_the_longest_drawn_request():
     key = RunKey("cpu-8m", 8, 4000, 16, 64, requests=32, mix="mixed")
-    why = check_run(key, Limits(device="cpu", kv_budget_bytes=2**40, max_run_s=1e9))
+    why = check_run(key, Limits(kv_budget_bytes=2**40, max_run_s=1e9), TEST_ENGINE)
     assert why is not None and "longest drawn request" in why and "8192" in why
 
 
@@ -121,17 +121,24 @@ def test_knee_is_the_highest_rate_keeping_ninety_percent():
 
 
 @pytest.fixture(scope="module")
-def bound_run():
+def engine():
+    with lab_engine() as (client, lab):
+        yield client, lab
+
+
+@pytest.fixture(scope="module")
+def bound_run(engine):
     """A workload whose memory binds: 8 requests at once, each growing from 2 pages to 4, in a
     cache of 10 pages (1 MB of cpu-8m KV in pages of 16)."""
-    service = EngineService()
+    client, lab = engine
     state = LabState(batch=8, requests=8, context=16, output=40, page=16, kv_mb=1)
-    demo = DemoController(state, service, ModelShelf("cpu"), Limits(device="cpu"))
+    demo = make_demo(client, state)
+    demo.lab = lab
     demo.sweeps.rate_keys = lambda key: []  # the rate sweep has a test of its own below
     demo.start()
-    assert service.wait_idle(300)
+    assert settle_all(demo, lab)
     yield demo
-    service.stop()
+    demo.close()
 
 
 def test_memory_that_binds_makes_requests_wait_and_evicts(bound_run):
@@ -160,11 +167,11 @@ def test_a_setting_is_measured_three_times(bound_run):
 
 
 def test_run_again_measures_again(bound_run):
-    runs = bound_run.service.runs_started
+    runs = bound_run.lab.queue.runs_started
     first = bound_run.trace
     bound_run.run_again()
-    assert bound_run.service.wait_idle(300)
-    assert bound_run.service.runs_started > runs and bound_run.trace is not first
+    assert settle_all(bound_run, bound_run.lab)
+    assert bound_run.lab.queue.runs_started > runs and bound_run.trace is not first
     assert bound_run.shown_key.repeat >= 3  # past the three cached measurements
     assert len(bound_run.repeats(bound_run.shown_key)) >= 4
 
@@ -177,27 +184,27 @@ def test_tpot_sweep_draws_both_floors(bound_run):
                                                  plot.floor.data["compute_ms"]))
 
 
-def test_rate_sweep_measures_goodput_at_each_rate():
-    service = EngineService()
+def test_rate_sweep_measures_goodput_at_each_rate(engine):
+    client, lab = engine
     state = LabState(batch=4, requests=4, context=16, output=4, page=16)
-    demo = DemoController(state, service, ModelShelf("cpu"), Limits(device="cpu", max_run_s=4))
+    demo = make_demo(client, state, Limits(max_run_s=4))
     keys = demo.sweeps.rate_keys(state.key())
-    assert keys and all(check_run(k, demo.limits) is None for k in keys)
+    assert keys and all(check_run(k, demo.limits, demo.engine) is None for k in keys)
     from engine.workload import draw_shape
     assert len(keys) >= 3 and all(max(draw_shape(k.workload()).arrivals_s) <= 4 for k in keys)
     assert min(k.rate for k in keys) > 0.25  # slower arrivals would outlast the 4 s limit
     demo.start()
     try:
-        assert service.wait_idle(300)
+        assert settle_all(demo, lab)
         plot = demo.goodput_rate
         assert sorted(plot.source.data["rate"]) == sorted(k.rate for k in keys)
         assert "req/s" in plot.text and "sweep is still" not in plot.text
     finally:
-        service.stop()
+        demo.close()
 
 
 def test_a_learners_run_stops_a_background_run_which_then_runs_again():
-    service = EngineService()
+    service = RunQueue()
     started, release = [], threading.Event()
 
     def slow(on_step, cancel):
@@ -248,16 +255,16 @@ def test_storyboard_shows_evictions_and_the_recompute_they_cost(bound_run):
         assert f"{event.tokens} tokens" in event.text()
 
 
-def test_one_batch_of_requests_with_room_is_not_run_twice():
-    service = EngineService()
-    state = LabState(batch=4, requests=4, context=16, output=4, page=16)
-    demo = DemoController(state, service, ModelShelf("cpu"), Limits(device="cpu"))
+def test_one_batch_of_requests_with_room_is_not_run_twice(engine):
+    client, lab = engine
+    state = LabState(batch=4, requests=4, context=16, output=5, page=16)
+    demo = make_demo(client, state)
     demo.sweeps.rate_keys = lambda key: []
     demo.start()
     try:
-        assert service.wait_idle(300)
+        assert settle_all(demo, lab)
         assert set(demo.policy.traces) == {"continuous"}
         assert "schedule the very same steps" in demo.policy.text
-        assert service.cached(state.key().with_(policy="static")) is None
+        assert demo.traces.get(state.key().with_(policy="static")) is None
     finally:
-        service.stop()
+        demo.close()
