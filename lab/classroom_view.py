@@ -2,16 +2,16 @@
 
 `attach_classroom` picks the bar from the page's query: `?instructor=TOKEN` with the server's token
 gives the presenter bar; anything else gives the student bar (a wrong token looks exactly like no
-token). Without LAB_INSTRUCTOR_TOKEN there is no bar at all. Each bar joins the process's
-`Classroom` hub with a callable that hops onto the session's own event loop (`DemoController._hop`),
-where it reads the hub's current view and updates widgets and Bokeh sources; it leaves the hub when
-the session ends.
+token). Without LAB_INSTRUCTOR_TOKEN on the engine server there is no bar at all. Each bar joins
+the class through the process's `Classroom` client and registers with the session's ticker: once a
+period, on the session's own loop, it reads the client's newest view and redraws widgets and Bokeh
+sources if the class changed since its last draw. It leaves the class when the session ends.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlencode
 
 import panel as pn
@@ -19,10 +19,11 @@ from bokeh.models import ColumnDataSource, FactorRange
 
 from engine.metrics import Summary, summarize
 from lab import shared
-from lab.classroom import Classroom, ClassView, Presenter
+from lab.classroom import Classroom, ClassroomError, ClassView, Presenter
 from lab.content import Content
 from lab.demo import DemoController
 from lab.prediction import grade, metric_value
+from widgets.base import served
 from widgets.style import MET, fmt_num, fmt_value, make_figure
 
 
@@ -36,35 +37,33 @@ class Baseline:
 
 
 class _Bar(pn.viewable.Viewer):
-    """Joins the hub, coalesces its calls into one refresh on the session's loop, and leaves."""
+    """Joins the class, redraws from the session's ticker when the class changed, and leaves."""
 
     def __init__(self, demo: DemoController, hub: Classroom, **params) -> None:
         super().__init__(**params)
         self.demo, self.hub, self.session = demo, hub, demo.session
-        self._lock = threading.Lock()
-        self._scheduled = False
+        self.drawn: tuple[str, int] | None = None  # (hub, serial) of the view drawn last
         self.layout: pn.Column
+        demo.ticker.every(self.tick)
 
     def __panel__(self) -> pn.Column:
         return self.layout
 
-    def _schedule(self, _kind: str = "") -> None:
-        with self._lock:
-            if self._scheduled:
-                return  # the pending refresh will read the newest view anyway
-            self._scheduled = True
-        self.demo._hop(self._run_refresh)
+    def tick(self) -> None:
+        """Once a period, on the session's loop: redraw if the class moved since the last draw."""
+        view = self.hub.view()
+        if (view.hub, view.serial) != self.drawn:
+            self.draw(view)
 
-    def _run_refresh(self) -> None:
-        with self._lock:
-            self._scheduled = False
-        self.refresh(self.hub.view())
+    def draw(self, view: ClassView) -> None:
+        self.drawn = (view.hub, view.serial)
+        self.refresh(view)
 
     def refresh(self, view: ClassView) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        """The session ended: leave the hub so nothing calls into a closed page."""
+        """The session ended: leave the class so the counts drop."""
         self.hub.leave(self.session)
 
 
@@ -87,13 +86,13 @@ class PresenterBar(_Bar):
             "reveal": ("Reveal to everyone", "success", "Broadcast your settings and show the "
                        "measured result to every student", self._reveal),
             "end": ("End class session", "light", "Hide the classroom bar from students",
-                    lambda: self.presenter.end()),
+                    presenter.end),
         }
         self.buttons = {}
         for key, (label, kind, description, action) in buttons.items():
             b = pn.widgets.Button(label=label, color=kind, description=description,
                                   css_classes=[f"{key}-button"])
-            b.on_click(lambda _e, act=action: act())
+            b.on_click(lambda _e, act=action: self._act(act))
             self.buttons[key] = b
         self.status = pn.pane.Markdown("", css_classes=["presenter-status"], margin=(0, 10))
         self.message = pn.pane.Markdown("", css_classes=["presenter-message"], margin=(0, 10))
@@ -115,7 +114,15 @@ class PresenterBar(_Bar):
                                         css_classes=["poll-histogram"]),
             self.counts, sizing_mode="stretch_width", css_classes=["classroom", "presenter-bar"],
             styles={"border": "2px solid #CC79A7", "border-radius": "6px", "padding": "4px"})
-        self.refresh(presenter.join(self.session, self._schedule))
+        self.draw(presenter.join(self.session))
+
+    def _act(self, action) -> None:
+        """A button's action, then a redraw; a hub that refused or is away says so here."""
+        try:
+            action()
+        except ClassroomError as err:
+            self.message.object = f"The class did not get that: {err}."
+        self.tick()
 
     def _on_control_moved(self, *events) -> None:
         self.control.value = events[-1].name  # the poll asks about the control moved last
@@ -148,7 +155,7 @@ class PresenterBar(_Bar):
             return
         summary = self._summary()
         setting = None if key is None else getattr(key, base.control)
-        if (summary is None or setting == base.setting or self.demo.state.status != "done"
+        if (summary is None or setting == base.setting or self.demo.run.status != "done"
                 or key != self.demo.state.key()):
             self.message.object = (f"Move **{base.control}** away from {fmt_value(base.setting)} and "
                                    "wait until your run is measured, then reveal.")
@@ -202,7 +209,7 @@ class StudentBar(_Bar):
 
     def __init__(self, demo: DemoController, hub: Classroom, content: Content) -> None:
         super().__init__(demo, hub)
-        self._applied = 0  # the broadcast version this session last applied
+        self._applied: tuple[str, int] | None = None  # (hub, version) of the last broadcast applied
         self._poll_number = 0
         self.follow = pn.widgets.Switch(label="Follow the instructor", value=True,
                                         css_classes=["follow-switch"], width=50)
@@ -223,23 +230,22 @@ class StudentBar(_Bar):
                    self.follow_text),
             self.poll_box, self.result, visible=False, sizing_mode="stretch_width",
             css_classes=["classroom", "student-bar"])
-        self.refresh(hub.join(self.session, self._schedule, following=True))
+        self.draw(hub.join(self.session, following=True))
 
     def _on_follow(self, event) -> None:
         if event.new:
-            self._applied = 0  # catch up with the instructor's latest settings
-        self.hub.follow(self.session, event.new)
-        self._schedule()
+            self._applied = None  # catch up with the instructor's latest settings
+        self.draw(self.hub.follow(self.session, event.new))
 
     def _commit(self) -> None:
         if self.choices.value is not None:
             self.hub.commit(self.session, self.choices.value)
-        self._schedule()
+        self.draw(self.hub.view())  # this session's own choice is not in the shared view
 
     def refresh(self, view: ClassView) -> None:
         self.layout.visible = view.active
-        if self.follow.value and view.values and view.version > self._applied:
-            self._applied = view.version
+        if self.follow.value and view.values and (view.hub, view.version) != self._applied:
+            self._applied = (view.hub, view.version)
             self.demo.state.apply(dict(view.values))
         self.follow_text.object = ("your sliders move when the instructor broadcasts."
                                    if self.follow.value else
@@ -270,7 +276,7 @@ def student_bar(demo: DemoController, hub: Classroom, content: Content) -> Stude
 
 def attach_classroom(demo: DemoController, content: Content, query: Mapping[str, str],
                      hub: Classroom | None = None) -> _Bar | None:
-    """The bar this session shows (None when instructor mode is off); it leaves the hub when the
+    """The bar this session shows (None when instructor mode is off); it leaves the class when the
     session is destroyed."""
     hub = hub if hub is not None else shared.classroom()
     if not hub.enabled:
@@ -278,7 +284,7 @@ def attach_classroom(demo: DemoController, content: Content, query: Mapping[str,
     presenter = hub.presenter(query.get("instructor"))
     bar = (presenter_bar(demo, presenter, content) if presenter is not None
            else student_bar(demo, hub, content))
-    if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+    if served():
         pn.state.on_session_destroyed(lambda _ctx: bar.close())
         if presenter is not None:
             pn.state.onload(hide_token)
