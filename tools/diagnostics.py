@@ -1,9 +1,11 @@
 """A read-only JSON view of what one server process holds, for load and churn checks.
 
 A Panel plugin, served only when asked for: `PYTHONPATH=. panel serve lab/app.py --plugins
-tools.diagnostics` adds GET /diagnostics (under --prefix if one is set). It reports counts only
-(sessions, threads, periodic callbacks, the engine queue, the classroom hub, resident memory): no
-session ids, no query strings, no token. `?deep=1` also collects garbage and counts the live
+tools.diagnostics` (or `python -m lab --plugins tools.diagnostics`) adds GET /diagnostics to a page
+process (under --prefix if one is set). It reports counts only (sessions, threads, periodic
+callbacks, resident memory, and, once a page has connected this process to the engine server, the
+server's run queue and this process's view of the classroom): no session ids, no query strings, no
+token. `?deep=1` also collects garbage and counts the live
 per-session objects, documents and running periodic callbacks, to catch leaks; that walks the whole
 heap, so it is for tests, not for polling. `gc` reports the garbage collector's pauses since the
 endpoint was first asked: a collection of the oldest generation walks every live object, and while
@@ -24,8 +26,8 @@ from pathlib import Path
 
 from tornado.web import RequestHandler
 
-from engine.cpu_threads import blas_threads
 from lab import shared
+from lab.engine_client import EngineUnavailable
 from tools.gc_policy import full_collect
 
 
@@ -103,6 +105,24 @@ def periodic_callbacks(server=None) -> int:
                for cb in session.document.session_callbacks)
 
 
+def engine_queue() -> dict | None:
+    """The engine server's run queue (its GET /lab/info), or None before any page of this process
+    made the engine client (asking would start an engine server) or when the server is gone."""
+    if shared.engine_client.cache_info().currsize == 0:
+        return None
+    try:
+        return shared.engine_client().get_json("/lab/info")["queue"]
+    except EngineUnavailable:
+        return None
+
+
+def classroom() -> dict | None:
+    """This process's view of the classroom hub, or None before any page made the client."""
+    if shared.classroom.cache_info().currsize == 0:
+        return None
+    return shared.classroom().stats()  # a hub out of reach reads as no class, not an error
+
+
 def snapshot(server=None, deep: bool = False, pauses: GcPauses | None = None) -> dict:
     """Everything the endpoint reports; `server` is the BokehTornado application, if any."""
     sessions = {path: len(server.get_sessions(path)) for path in server.app_paths} if server else {}
@@ -112,10 +132,9 @@ def snapshot(server=None, deep: bool = False, pauses: GcPauses | None = None) ->
         "threads": status["Threads"], "python_threads": thread_names(),
         "rss_kb": status["VmRSS"], "peak_rss_kb": status["VmHWM"],
         "periodic_callbacks": periodic_callbacks(server),
-        "service": shared.service().stats(),
-        "classroom": shared.classroom().stats(),
+        "engine_queue": engine_queue(),
+        "classroom": classroom(),
         "gc": pauses.stats() if pauses else None,
-        "blas_threads": blas_threads(),  # LAB_CPU_THREADS, once the first page has loaded
     }
     if deep:
         out.update(heap_counts())

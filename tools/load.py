@@ -107,6 +107,12 @@ def diagnostics(url: str, deep: bool = False) -> dict | None:
         return None
 
 
+def engine_idle(snapshot: dict) -> bool:
+    """The engine server's run queue holds no job (None: the page process has not reached it)."""
+    queue = snapshot["engine_queue"]
+    return queue is None or not (queue["waiting"] or queue["background"] or queue["running"])
+
+
 class Client:
     """One headless chromium and the pages it holds for the run."""
 
@@ -172,11 +178,9 @@ async def wait_idle(url: str, warm_page, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         d = diagnostics(url)
-        if d is not None:
-            s = d["service"]
-            if not (s["waiting"] or s["background"] or s["running"]):
-                return
-        else:
+        if d is not None and engine_idle(d):
+            return
+        if d is None:
             text = await warm_page.locator(".tpot_batch-text").first.inner_text()
             if "still filling" not in text and "Measured TPOT" in text:
                 return
@@ -290,9 +294,7 @@ async def settle(url: str, timeout_s: float) -> dict:
         if d is None:
             raise SystemExit("--churn needs the server's /diagnostics endpoint "
                              "(panel serve ... --plugins tools.diagnostics)")
-        s = d["service"]
-        if (d["sessions"] == 0 and not (s["waiting"] or s["background"] or s["running"])) \
-                or time.monotonic() > deadline:
+        if (d["sessions"] == 0 and engine_idle(d)) or time.monotonic() > deadline:
             return diagnostics(url, deep=True)
         await asyncio.sleep(0.5)
 

@@ -54,9 +54,9 @@ def test_opening_and_closing_sessions_leaves_nothing_behind(churn_server):
     before, after = result["before"], result["after"]
     assert after["sessions"] == 0
     assert after["periodic_callbacks"] == 0
-    service = after["service"]
-    assert service["waiting"] == service["background"] == service["running"] == 0
-    assert service["runs_started"] == before["service"]["runs_started"]  # all cached: no reruns
+    queue = after["engine_queue"]
+    assert queue["waiting"] == queue["background"] == queue["running"] == 0
+    assert queue["runs_started"] == before["engine_queue"]["runs_started"]  # all cached: no reruns
     assert after["classroom"]["members"] == after["classroom"]["instructors"] == 0
     assert set(after["live_objects"].values()) == {0}, after["live_objects"]
     # Documents and Panel periodic callbacks beyond the server's own (Panel runs one, Bokeh may
