@@ -4,7 +4,7 @@ time.
 
 The hub runs in a Tornado application on a thread of this process (`serverkit.AppThread`), so a
 test can read its state on its loop and restart it on the same port. The bars run on
-DemoControllers with no document and an engine client that records what it is asked to run; the
+DemoControllers with no document and a fake engine client that records what it is asked to run; the
 reveal test grades two real runs of the tiny model, measured in this process.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from urllib.parse import quote
 
 import pytest
 
-from engine.analytic import DeviceProbe
 from engine.server import classroom_hub
 from engine.server.classroom import ClassroomHub, ClassView, HubError
 from engine.server.classroom_hub import TOKEN_HEADER, routes
@@ -25,10 +24,11 @@ from lab.classroom import Classroom
 from lab.classroom_view import PresenterBar, StudentBar, attach_classroom, poll_text
 from lab.content import load_content
 from lab.demo import DemoController
-from lab.engine_client import EngineInfo, TraceCache
-from lab.runs import Limits, RunKey, run_spec
+from lab.runs import RunKey, run_spec
 from lab.state import LabState
-from lab.ticker import Ticker
+from tests import labkit
+from tests.fakes import FakeClient
+from tests.labkit import TEST_ENGINE
 from tests.serverkit import HOST, AppThread, free_port, wait_until
 
 TOKEN = "s3cret-Tok\u00e9n-42"
@@ -366,31 +366,8 @@ def test_many_sessions_at_once(server, clients):
 
 
 # -- the bars -------------------------------------------------------------------------------------
-class RecordingEngine:
-    """The engine client's surface as a DemoController uses it: a fixed CPU, and runs recorded
-    (by their engine settings) instead of posted."""
-
-    INFO = EngineInfo(device_type="cpu", device="CPU: test", kv_cap_bytes=256 * 2**20,
-                      probe=DeviceProbe("CPU: test", bandwidth_gbs=20.0, matmul_tflops=0.2),
-                      max_run_s=1e9)
-
-    def __init__(self) -> None:
-        self.runs: list[dict] = []
-
-    def info(self) -> EngineInfo:
-        return self.INFO
-
-    def stream(self, session, runs, on_event, **_options):
-        self.runs += [r["engine"] for r in runs]
-        return self
-
-    def close(self) -> None:
-        pass
-
-
 def make_demo() -> DemoController:
-    return DemoController(LabState(), RecordingEngine(), Limits(max_run_s=1e9), TraceCache(),
-                          Ticker(250))
+    return labkit.make_demo(FakeClient(TEST_ENGINE), LabState())
 
 
 def tick_until(demo: DemoController, predicate) -> None:
@@ -413,7 +390,7 @@ def test_student_bar_follows_broadcasts_and_commits(clients):
     presenter.broadcast({**demo.state.values(), "batch": 3, "output": 9})
     tick_until(demo, lambda: demo.state.batch == 3)
     assert bar.layout.visible and demo.state.output == 9 and len(drawn) == 1
-    assert demo.client.runs[-1]["max_num_seqs"] == 3  # the move was sent like a slider move
+    assert demo.client.specs[-1]["engine"]["max_num_seqs"] == 3  # sent like a slider move
     bar.follow.value = False
     presenter.broadcast({"batch": 5})
     settle(lambda: hub.view().version == 2)
@@ -461,8 +438,8 @@ def test_presenter_poll_histogram_and_graded_reveal(clients):
 
     def measure(batch: int) -> None:  # a real run stands in for the instructor's latest one
         demo.state.batch = batch
-        spec = run_spec(RunKey("tiny", batch, 16, 4, 4), RecordingEngine.INFO)
-        demo.trace = execute(RunSpec.from_json(spec, RecordingEngine.INFO.kv_cap_bytes),
+        spec = run_spec(RunKey("tiny", batch, 16, 4, 4), TEST_ENGINE)
+        demo.trace = execute(RunSpec.from_json(spec, TEST_ENGINE.kv_cap_bytes),
                              shelf, lambda step: None, threading.Event())
         demo.shown_key = demo.state.key()
         demo.run.status = "done"
