@@ -25,10 +25,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def engine_threads() -> int:
+def engine_threads(env: dict[str, str] | None = None) -> int:
     """BLAS threads for the engine: LAB_CPU_THREADS, else every core but one, which is left to
     the page processes and the browsers drawing what the engine measures."""
-    threads = os.environ.get("LAB_CPU_THREADS", "")
+    threads = (os.environ if env is None else env).get("LAB_CPU_THREADS", "")
     if threads:
         if not (threads.isdigit() and int(threads) >= 1):
             raise ValueError(f"LAB_CPU_THREADS must be a whole number of at least 1, "
@@ -37,15 +37,17 @@ def engine_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def start_engine(port: int | None = None, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """Start an engine server; returns the process and its URL (it is stopped at exit)."""
+def start_engine(port: int | None = None, host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None, **popen) -> tuple[subprocess.Popen, str]:
+    """Start an engine server with `env` (default: this process's environment); returns the
+    process and its URL. It is stopped when this process exits."""
     port = port or free_port(host)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     cmd = [sys.executable, "-m", "engine", "serve", "--host", host, "--port", str(port),
-           "--model", MODEL, "--device", os.environ.get("LAB_DEVICE", "auto"),
-           "--cpu-threads", str(engine_threads())]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+           "--model", MODEL, "--device", env.get("LAB_DEVICE", "auto"),
+           "--cpu-threads", str(engine_threads(env))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
     atexit.register(stop_engine, proc)
     return proc, f"http://{host}:{port}"
 

@@ -39,6 +39,7 @@ def serve(app: str, port: int, env: dict[str, str] | None = None,
     cmd = [sys.executable, "-m", "panel", "serve", app, "--port", str(port), "--address",
            "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}",
            "--allow-websocket-origin", f"localhost:{port}", *(extra or [])]
+    ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / f"server-{port}.log", "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -66,10 +67,23 @@ def lab_url():
 
 @contextlib.contextmanager
 def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None):
-    """Serve lab/app.py on a free port on the CPU; yields the app's URL and stops the server."""
-    port = free_port()
-    proc = serve("lab/app.py", port, env={"LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", **(env or {})},
-                 extra=extra or ["--liveness"])
+    """Serve lab/app.py on a free port, with an engine server of its own measuring on the CPU
+    (as `python -m lab` does); yields the app's URL and stops both."""
+    from lab.engine_client import EngineClient
+    from lab.engine_process import start_engine, stop_engine
+
+    env = {**os.environ, "LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", **(env or {})}
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = open(ARTIFACTS / f"engine-{free_port()}.log", "w")
+    engine, engine_url = start_engine(env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        EngineClient(engine_url).wait_ready(timeout_s=120)
+        port = free_port()
+        proc = serve("lab/app.py", port, env={**env, "LAB_ENGINE_URL": engine_url},
+                     extra=extra or ["--liveness"])
+    except BaseException:
+        stop_engine(engine)
+        raise
     try:
         # One request first, so the server's one-time work (imports, content, the first page
         # build) is not charged to whichever test happens to run first.
@@ -81,6 +95,7 @@ def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+        stop_engine(engine)
 
 
 def slider(scope, label: str):
