@@ -1,30 +1,52 @@
 """The engine's CPU threads: during runs, torch's pool does the matrix products; OpenBLAS is held
-to one thread.
+to one thread. Also OpenMP's wait policy, which the entry points set (`quiet_openmp`).
 
 Two thread pools live in the engine's process: torch's (OpenMP, which MKL's matrix products run
 on) and numpy's OpenBLAS. Each, left at one thread per core, busy-waits between its jobs on the
-cores the other needs: with both at two threads on a 2-core EPYC, a batch-1 decode step measured
-15-16 ms instead of 5.5-6 ms. So a run uses one pool for its heavy arithmetic. Every weight product
-of a step goes through torch (`engine.kernels.cpu_products`, `engine.model.linear`), because
-OpenBLAS repacks a whole weight matrix on every call of two rows or more; numpy is left the small
-per-sequence arithmetic, which gains nothing from threads, and runs with one OpenBLAS thread.
+cores the other needs, and a decode step then takes several times as long. So a run uses one pool
+for its heavy arithmetic. Every weight product of a step goes through torch
+(`engine.kernels.cpu_products`, and the model's `F.linear`), because OpenBLAS repacks a whole
+weight matrix on every call of two rows or more; numpy is left the small per-sequence arithmetic,
+which gains nothing from threads, and runs with one OpenBLAS thread.
 
 How many threads a run's products get is the process's setting of "BLAS threads"
 (`set_blas_threads`, the CLI's `--cpu-threads`, the lab's `LAB_CPU_THREADS`), one per core unless
 told otherwise; `engine_threads` moves it onto torch's pool for the run and restores both pools
 when the run ends (the benchmark's probe keeps every torch thread). When another process wants a
-core, threads of one job wait on each other and a step stretches: with one busy-loop process on a
-2-core machine, `cpu-8m` at batch 8 decoded at 17-21 ms per token with two threads and at 8-9 ms
-with one. A server that also renders pages may therefore run the engine on fewer threads.
+core, threads of one job wait on each other and a step stretches, so a server that also renders
+pages may run the engine on fewer threads. The measurements behind each choice are in
+docs/benchmarks.md ("One torch thread during runs", "Under contention").
+
+This module imports torch only inside its functions, so that `quiet_openmp` can run first.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import torch
 from threadpoolctl import threadpool_info, threadpool_limits
+
+if TYPE_CHECKING:
+    import torch
+
+
+def quiet_openmp() -> None:
+    """Make OpenMP's idle threads sleep instead of spin, unless the user chose a wait policy.
+
+    Call it first thing in a program, before anything imports torch: OpenMP reads
+    `OMP_WAIT_POLICY` once, when torch loads it, so a later call changes nothing. That is why
+    this module imports torch only inside its functions, why `python -m engine` calls it in
+    `engine/__main__.py` before `engine.cli` is imported, and why no import calls it (it changes
+    the environment of the whole process, children included).
+
+    Why passive: a run's matrix products go through torch's OpenMP pool. Threads that spin while
+    idle take the core from whatever else wants it, and then every product waits for the thread
+    that lost its core: with another process busy on a 2-core machine, `cpu-30m` at batch 1
+    measured 10-14 ms a token with passive waiting and 49-253 ms with OpenMP's default spinning.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @contextmanager
@@ -34,6 +56,8 @@ def engine_threads(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(blas_threads())
     try:

@@ -2,9 +2,9 @@
 
 `engine.hf_peer.run_peer` writes DIR (`config.json` for a `LlamaConfig`, `model.safetensors`,
 `jobs.json`) and runs this file as a script with DIR as its one argument (`run_child`); the
-results go to stdout as one JSON object. Why a separate process: importing `engine` sets
-`OMP_WAIT_POLICY=PASSIVE` (see `engine/__init__.py`) and engine runs size torch's threads for
-themselves. Hugging Face `generate()` is all torch and was measured slower in the engine's process
+results go to stdout as one JSON object. Why a separate process: the engine's entry points set
+`OMP_WAIT_POLICY=PASSIVE` (see `engine.cpu_threads.quiet_openmp`) and engine runs size torch's
+threads for themselves. Hugging Face `generate()` is all torch and was measured slower in the engine's process
 (batch-8 TPOT 17.7 ms inside the benchmark against 13.3 ms standalone). Here it gets a process of
 its own with torch's default threads, as a user of transformers would run it.
 

@@ -83,8 +83,9 @@ def run_child(script: Path, folder: Path, timeout_s: float) -> dict[str, Any]:
 
     The script runs through runpy from inside `folder`, so neither the repository nor the
     script's own directory (`engine/`) is on its `sys.path`, where a module of ours could shadow
-    a library's. engine/__init__.py set OMP_WAIT_POLICY for the engine's own threads; the child
-    gets OpenMP's default, as it would outside this project."""
+    a library's. The entry points set OMP_WAIT_POLICY for the engine's own threads
+    (`engine.cpu_threads.quiet_openmp`); the child gets OpenMP's default, as it would outside
+    this project."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     launcher = ("import runpy, sys; sys.argv = sys.argv[1:]; "  # argv as if run as a file
                 "runpy.run_path(sys.argv[0], run_name='__main__')")

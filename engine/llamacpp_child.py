@@ -2,7 +2,7 @@
 
 `engine.bench_llamacpp` writes DIR (`model.gguf` from `engine.gguf_export`, and `jobs.json`) and
 runs this file as a script with DIR as its one argument (`engine.hf_peer.run_child`); one JSON
-object goes to stdout. A process of its own because importing `engine` sets
+object goes to stdout. A process of its own because the engine's entry points set
 `OMP_WAIT_POLICY=PASSIVE`, which llama.cpp's OpenMP threads would obey too; here llama.cpp runs as
 a user would run it, with one thread per core unless told otherwise. Imports only numpy and
 `llama_cpp` (the `llamacpp` extra).

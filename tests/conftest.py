@@ -7,4 +7,6 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import engine  # noqa: E402,F401  (sets the engine's thread defaults before torch loads)
+from engine.cpu_threads import quiet_openmp  # noqa: E402  (imports no torch)
+
+quiet_openmp()  # timed tests run with the entry points' thread setting, set before torch loads

@@ -64,7 +64,7 @@ def test_hugging_face_tpot_comes_from_its_own_token_times() -> None:
 
 
 def test_the_peer_child_never_imports_the_engine_and_keeps_torch_defaults(monkeypatch) -> None:
-    """The engine's import sets OMP_WAIT_POLICY and its runs hold torch to one thread; the peer's
+    """The engine's entry points set OMP_WAIT_POLICY and its runs size torch's threads; the peer's
     process must see neither, and must hold the engine's weights (same greedy tokens)."""
     import torch
 
