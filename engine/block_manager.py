@@ -11,9 +11,21 @@ from __future__ import annotations
 from collections import deque
 
 
+# What block tables are padded with to a common width. Any valid block id would do, because
+# attention masks every position past a sequence's length, so reads of padding never count; block 0
+# is valid in every cache (a scratch block exists only where CUDA graphs are used). Writes are
+# another matter: a padding row of a graph step writes its K/V into the scratch block, never here.
+PAD_BLOCK = 0
+
+
 def blocks_for(num_tokens: int, block_size: int) -> int:
     """Blocks needed to hold `num_tokens` tokens: ceil(T / P)."""
     return -(-num_tokens // block_size)
+
+
+def pad_tables(tables: list[list[int]], width: int) -> list[list[int]]:
+    """Each block table padded with PAD_BLOCK to `width` entries."""
+    return [table + [PAD_BLOCK] * (width - len(table)) for table in tables]
 
 
 class BlockManager:
@@ -94,10 +106,14 @@ class BlockManager:
         self.freed_total += released
         return released
 
+    def slots(self, seq_id: int, start: int, stop: int) -> list[int]:
+        """Flat cache slots (block * P + offset) of tokens start..stop-1 of `seq_id`."""
+        table, p = self.block_tables[seq_id], self.block_size
+        return [table[i // p] * p + i % p for i in range(start, stop)]
+
     def slot(self, seq_id: int, position: int) -> int:
-        """Flat cache slot (block * P + offset) of token `position` of `seq_id`."""
-        block = self.block_tables[seq_id][position // self.block_size]
-        return block * self.block_size + position % self.block_size
+        """Flat cache slot of token `position` of `seq_id`."""
+        return self.slots(seq_id, position, position + 1)[0]
 
 
 class ContiguousAllocator:

@@ -89,6 +89,24 @@ def preset(name: str) -> ModelConfig:
 
 POLICIES = ("continuous", "static")
 
+# Bytes per element of each dtype `dtype_for` names, for memory sums made without torch.
+ELEMENT_BYTES = {"bfloat16": 2, "float32": 4}
+
+
+def dtype_for(device_type: str) -> str:
+    """The torch dtype, by name, that weights and the KV cache take on this kind of device.
+
+    bf16 on CUDA: tensor cores multiply it at full rate and the cache holds twice the tokens.
+    fp32 elsewhere: few CPUs multiply bf16 fast, and the CPU's numpy decode step is written for
+    fp32. Torch code turns the name into a dtype with `getattr(torch, dtype_for(...))`.
+    """
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def element_bytes(device_type: str) -> int:
+    """Bytes per weight or KV element on this kind of device (see `dtype_for`)."""
+    return ELEMENT_BYTES[dtype_for(device_type)]
+
 
 @dataclass(frozen=True)
 class EngineConfig:
