@@ -5,10 +5,12 @@ Python, the launches, not the memory traffic, set the time per token. Here a pur
 sequences is padded up to the next ladder size, its inputs are copied into static buffers, and the
 forward pass captured for that size replays in one launch.
 
-Padding rows decode token 0 at position 0 with a context of one token, through a block table that
-names only the scratch block: a KV block the cache holds but the block manager never hands out, so
-what they write is never read by a real sequence. Block tables have one fixed width, enough blocks
-for `max_model_len`, so the attention kernel's launch plan is the same at every replay.
+Padding rows decode token 0 at position 0 with a context of one token, and write their K/V into
+the scratch block: a KV block the cache holds but the block manager never hands out, so what they
+write is never read by a real sequence. Block tables are padded as everywhere else, with
+`PAD_BLOCK` (reads past a context length are masked, so any valid id will do), and have one fixed
+width, enough blocks for `max_model_len`, so the attention kernel's launch plan is the same at
+every replay. Which step replays a graph is the runner's choice (`engine.runner.choose_path`).
 
 With `capture=False` the same padded static-buffer path runs eagerly: that is how the CPU tests
 check its logic, and what a CUDA run without graphs would do were it asked to.
@@ -19,8 +21,9 @@ import bisect
 
 import torch
 
-from engine.block_manager import blocks_for
-from engine.model import AttentionMetadata, KVCache, Llama
+from engine.block_manager import PAD_BLOCK, blocks_for, pad_tables
+from engine.kv_cache import AttentionMetadata, DecodeAttention, KVCache
+from engine.model import Llama
 
 MAX_GRAPH_BATCH = 256  # past this a step's weight and KV traffic dwarfs the launches it saves
 
@@ -31,15 +34,6 @@ def ladder(max_batch: int) -> list[int]:
     top = min(max_batch, MAX_GRAPH_BATCH)
     sizes = [b for b in (1, 2, 4) if b < top] + list(range(8, top, 8))
     return sizes + [top]
-
-
-def graphs_supported(device: torch.device) -> bool:
-    """CUDA with the Triton kernel. The torch reference attention gathers each sequence's whole
-    fixed-width block table, which at max_model_len costs more than the launches saved."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False
-    from engine.kernels import triton_paged_attention  # imports triton: only where it can serve
-    return triton_paged_attention.available()
 
 
 def padded_size(batch: int, sizes: list[int]) -> int | None:
@@ -62,14 +56,14 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def __init__(self, model: Llama, cache: KVCache, max_batch: int, max_model_len: int,
-                 scratch_block: int, capture: bool) -> None:
+                 scratch_block: int, capture: bool, decode_attention: DecodeAttention) -> None:
         if not 0 <= scratch_block < cache.k.shape[1]:
             raise ValueError(f"scratch block {scratch_block} is not in a cache of "
                              f"{cache.k.shape[1]} blocks")
         self.model = model
         self.cache = cache
         self.sizes = ladder(max_batch)
-        self.scratch = scratch_block
+        self.decode_attention = decode_attention  # captured into every graph
         self.pad_slot = scratch_block * cache.block_size
         top = self.sizes[-1]
         width = blocks_for(max_model_len, cache.block_size)
@@ -78,7 +72,7 @@ class DecodeGraphs:
         # so the warm-up runs before capture write only into the scratch block.
         self.rows = torch.tensor([[0] * top, [0] * top, [self.pad_slot] * top, [1] * top],
                                  dtype=torch.long, device=device)  # (4, top)
-        self.tables = torch.full((top, width), scratch_block, dtype=torch.long,
+        self.tables = torch.full((top, width), PAD_BLOCK, dtype=torch.long,
                                  device=device)  # (top, width)
         self.logit_index = torch.arange(top, device=device)  # (top,) every row is sampled
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -94,7 +88,8 @@ class DecodeGraphs:
         """The model over the first `size` rows of the static buffers: (size, vocab) logits."""
         meta = AttentionMetadata(slot_mapping=self.rows[2, :size], num_decodes=size,
                                  decode_block_tables=self.tables[:size],
-                                 decode_context_lens=self.rows[3, :size], prefills=[])
+                                 decode_context_lens=self.rows[3, :size], prefills=[],
+                                 decode_attention=self.decode_attention)
         return self.model(self.rows[0, :size], self.rows[1, :size], self.cache, meta,
                           self.logit_index[:size])
 
@@ -131,9 +126,8 @@ class DecodeGraphs:
             [ids + [0] * pad, positions + [0] * pad, slots + [self.pad_slot] * pad,
              context_lens + [1] * pad], dtype=torch.long))
         width = max(len(t) for t in tables)
-        padded = [t + [self.scratch] * (width - len(t)) for t in tables]
         self.tables[:size, :width].copy_(torch.tensor(
-            padded + [[self.scratch] * width] * pad, dtype=torch.long))
+            pad_tables(tables + [[]] * pad, width), dtype=torch.long))
         if size in self.graphs:
             self.graphs[size].replay()
             return self.outputs[size][:n]

@@ -7,8 +7,9 @@ Two ways to drive one engine, over one API (`add_request`, `abort`, `step`):
 - The HTTP server (`engine.server`) calls `add_request` and `abort` as clients come and go, and
   `step()` in a loop of its own.
 
-`step()` has nano-vllm's shape: the scheduler picks the batch, the runner runs it, the scheduler
-post-processes. Every step is timed with the wall clock (the sampler's `.tolist()` waits for the
+`step()` has nano-vllm's shape: the scheduler picks the batch, the runner runs it (and alone
+chooses how: `engine.runner.choose_path`), the scheduler post-processes. The closed loop adds only
+arrivals and waiting around `step()`. Every step is timed with the wall clock (the sampler's `.tolist()` waits for the
 device, so CUDA work is done before the clock is read). The engine knows nothing of text or of the
 page that draws its records.
 """
@@ -24,12 +25,12 @@ from dataclasses import replace
 import torch
 
 from engine.block_manager import BlockManager, blocks_for
-from engine.config import ConfigError, EngineConfig
+from engine.config import ConfigError, EngineConfig, dtype_for
 from engine.cpu_threads import blas_threads, engine_threads
-from engine.cuda_graphs import DecodeGraphs, graphs_supported
-from engine.model import KVCache, Llama
+from engine.kv_cache import KVCache
+from engine.model import Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, capture_decode_graphs, graphs_supported
 from engine.sampling_params import GREEDY, SamplingParams
 from engine.scheduler import Batch, Scheduler
 from engine.sequence import Sequence
@@ -67,7 +68,7 @@ class LLMEngine:
         """`model` reuses weights already loaded (for the same config.model) instead of loading."""
         self.config = config
         self.device = pick_device(config.device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = getattr(torch, dtype_for(self.device.type))
         self.model = model or load_model(config.model, config.seed, self.device, self.dtype,
                                          config.model_config)
         self.model_config = self.model.config
@@ -94,8 +95,8 @@ class LLMEngine:
         with engine_threads(self.device):
             self._warm_up()
         # Captured after the eager warm-up, every ladder size at once: see DecodeGraphs.
-        self.graphs = (DecodeGraphs(self.model, self.cache, config.max_num_seqs, self.max_len,
-                                    scratch_block=self.num_blocks, capture=True)
+        self.graphs = (capture_decode_graphs(self.model, self.cache, config.max_num_seqs,
+                                             self.max_len, scratch_block=self.num_blocks)
                        if use_graphs else None)
         self.reset()
 
@@ -241,13 +242,9 @@ class LLMEngine:
                 raise Cancelled()
             while pending and pending[0][0].arrival_s <= self.now():
                 self.add_request(pending.popleft()[1])
-            if not self.has_work:
-                if pending:
-                    time.sleep(max(0.0, pending[0][0].arrival_s - self.now()))
-                continue
-            step = self.step()
-            if step is None:
-                if not pending:  # work left, nothing schedulable, and no arrival to change that
+            step = self.step() if self.has_work else None
+            if step is None:  # idle, or all left wait for memory: only an arrival changes that
+                if not pending:
                     raise RuntimeError("scheduler made no progress with work left; this is a bug")
                 time.sleep(max(0.0, pending[0][0].arrival_s - self.now()))
                 continue

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ConfigError, ModelConfig, preset
+from engine.config import ConfigError, ModelConfig, dtype_for, preset
+from engine.kernels import cpu_backend
 from engine.model import Llama
 
 _HF_KEYS = {f.name for f in fields(ModelConfig)}
@@ -50,18 +51,28 @@ def config_from_hf(raw: dict, source: str) -> ModelConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_model(model: str, seed: int, device: torch.device, dtype: torch.dtype,
+def load_model(model: str, seed: int, device: torch.device, dtype: torch.dtype | None = None,
                override: ModelConfig | None = None) -> Llama:
-    """A preset name gives seeded random weights; a directory path loads its checkpoint."""
+    """A preset name gives seeded random weights; a directory path loads its checkpoint.
+
+    `dtype` defaults to the device's (`engine.config.dtype_for`)."""
+    dtype = dtype or getattr(torch, dtype_for(device.type))
     path = Path(model)
     if override is None and path.is_dir():
-        return _load_checkpoint(path, device, dtype)
+        return _ready(_load_checkpoint(path), device, dtype)
     if override is None and ("/" in model or path.exists()):
         raise ConfigError(f"{model!r} is not a checkpoint directory (and not a preset name)")
-    cfg = override or preset(model)
-    net = Llama(cfg)
+    net = Llama(override or preset(model))
     net.init_random(seed)
-    return net.to(device=device, dtype=dtype).eval().prepare()
+    return _ready(net, device, dtype)
+
+
+def _ready(net: Llama, device: torch.device, dtype: torch.dtype) -> Llama:
+    """The model on `device` in `dtype`, for inference, its matrices laid out for the device."""
+    net = net.to(device=device, dtype=dtype).eval()
+    if device.type == "cpu":
+        return cpu_backend.lay_out_weights(net)
+    return net.fuse_weights()  # `.to()` copied the fused matrices apart from their parameters
 
 
 def read_checkpoint_config(path: Path) -> ModelConfig:
@@ -78,7 +89,7 @@ def read_checkpoint_config(path: Path) -> ModelConfig:
     return config_from_hf(raw, str(cfg_file))
 
 
-def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Llama:
+def _load_checkpoint(path: Path) -> Llama:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -105,4 +116,4 @@ def _load_checkpoint(path: Path, device: torch.device, dtype: torch.dtype) -> Ll
             raise ConfigError(f"{path}: {name} has shape {tuple(state[name].shape)}, "
                               f"config.json implies {tuple(tensor.shape)}")
     net.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return net.to(device=device, dtype=dtype).eval().prepare()
+    return net

@@ -2,7 +2,9 @@
 
 The torch path is itself checked against a contiguous forward and against Hugging Face in
 test_engine_paged.py and test_engine_peer.py; here the two CPU paths must agree on logits and on
-what they write into the cache, over batch sizes, page sizes, ragged lengths and scattered tables.
+what they write into the cache, over batch sizes, page sizes, ragged lengths and scattered tables:
+the whole step, each numpy function against the torch twin its docstring names, and the runner
+driving either path over the same steps. Also the CPU weight layout (engine.kernels.cpu_backend).
 """
 from __future__ import annotations
 
@@ -12,10 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from engine.block_manager import BlockManager, blocks_for, pad_tables
 from engine.config import PRESETS
-from engine.hugepages import HugePageArena
+from engine.kernels import cpu_decode
+from engine.kernels.cpu_backend import HugePageArena
 from engine.kernels.cpu_decode import CpuDecoder, _pages
-from engine.model import AttentionMetadata, KVCache, Llama
+from engine.kernels.paged_attention import paged_decode_attention_ref
+from engine.kv_cache import AttentionMetadata, KVCache
+from engine.model import Llama, rotate
+from engine.records import RequestRecord
+from engine.runner import ModelRunner
+from engine.scheduler import Batch
+from engine.sequence import Sequence
 from engine.weights import load_model
 
 CFG = replace(PRESETS["tiny"], initializer_range=0.3)  # logits spread over units: 1e-4 bites
@@ -35,52 +45,63 @@ def _decode_inputs(model: Llama, lens: list[int], block_size: int, num_blocks: i
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     order = torch.randperm(num_blocks, generator=gen) if scattered else torch.arange(num_blocks)
-    tables, start = [], 0
-    for n in lens:
-        pages = -(-n // block_size)
-        tables.append(order[start:start + pages].tolist())
-        start += pages
-    width = max(len(t) for t in tables)
-    slots = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
-             for t, n in zip(tables, lens)]
+    tables = []
+    blocks = BlockManager(num_blocks, block_size)
+    blocks.free_blocks.clear()
+    blocks.free_blocks.extend(order.tolist())
+    for seq_id, n in enumerate(lens):
+        tables.append(blocks.allocate(seq_id, n))
+    slots = [blocks.slot(seq_id, n - 1) for seq_id, n in enumerate(lens)]
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots), num_decodes=len(lens),
-        decode_block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-        decode_context_lens=torch.tensor(lens), prefills=[])
+        decode_block_tables=torch.tensor(pad_tables(tables, max(map(len, tables)))),
+        decode_context_lens=torch.tensor(lens), prefills=[],
+        decode_attention=paged_decode_attention_ref)
     ids = torch.randint(0, CFG.vocab_size, (len(lens),), generator=gen)
     return cache, ids, torch.tensor(lens) - 1, meta
 
 
-def _run(model: Llama, use_numpy: bool, cache: KVCache, ids: torch.Tensor,
+@pytest.fixture(scope="module")
+def decoder(model: Llama) -> CpuDecoder:
+    return CpuDecoder(model)
+
+
+def _run(model: Llama, decoder: CpuDecoder | None, cache: KVCache, ids: torch.Tensor,
          positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    saved = model.cpu_decoder
-    model.cpu_decoder = saved if use_numpy else None
-    try:
+    """Logits of one decode step: through `decoder` (numpy), or the model's forward if None."""
+    if decoder is None:
         return model(ids, positions, cache, meta, torch.arange(len(ids)))
-    finally:
-        model.cpu_decoder = saved
+    return torch.from_numpy(decoder(
+        ids.numpy(), positions.numpy(), meta.slot_mapping.numpy(),
+        meta.decode_block_tables.numpy(), meta.decode_context_lens.numpy(), cache.k.numpy(),
+        cache.v.numpy()))
 
 
-def test_prepared_cpu_model_gets_the_numpy_step(model: Llama) -> None:
-    assert isinstance(model.cpu_decoder, CpuDecoder)
+def test_an_fp32_cpu_runner_gets_the_numpy_step(model: Llama) -> None:
+    cache = KVCache(model.config, 4, 4, torch.float32, torch.device("cpu"))
+    runner = ModelRunner(model, cache, BlockManager(4, 4), torch.device("cpu"))
+    assert isinstance(runner.cpu_decoder, CpuDecoder)
     # The decoder reads the parameters' own memory: no second copy of the weights.
     layer = model.model.layers[0]
-    assert np.shares_memory(model.cpu_decoder.layers[0].down.weight.numpy(),
+    assert np.shares_memory(runner.cpu_decoder.layers[0].down.weight.numpy(),
                             layer.mlp.down_proj.weight.detach().numpy())
-    assert np.shares_memory(model.cpu_decoder.layers[0].qkv.weight.numpy(),
+    assert np.shares_memory(runner.cpu_decoder.layers[0].qkv.weight.numpy(),
                             layer.self_attn.q_proj.weight.detach().numpy())
+    torch_only = ModelRunner(model, cache, BlockManager(4, 4), torch.device("cpu"),
+                             numpy_decode=False)
+    assert torch_only.cpu_decoder is None
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 16])
 @pytest.mark.parametrize("lens", [[1], [13], [5, 40, 17], [2, 9, 33, 64, 1, 7, 16, 30]])
 @pytest.mark.parametrize("scattered", [False, True])
-def test_numpy_step_matches_torch_path(model: Llama, block_size: int, lens: list[int],
-                                       scattered: bool) -> None:
-    num_blocks = sum(-(-n // block_size) for n in lens) + 5
+def test_numpy_step_matches_torch_path(model: Llama, decoder: CpuDecoder, block_size: int,
+                                       lens: list[int], scattered: bool) -> None:
+    num_blocks = sum(blocks_for(n, block_size) for n in lens) + 5
     first = _decode_inputs(model, lens, block_size, num_blocks, scattered, seed=len(lens))
     second = _decode_inputs(model, lens, block_size, num_blocks, scattered, seed=len(lens))
-    got = _run(model, True, *first)
-    want = _run(model, False, *second)
+    got = _run(model, decoder, *first)
+    want = _run(model, None, *second)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     # Both wrote the new token's K/V into the same slots, and nothing else.
     torch.testing.assert_close(first[0].k, second[0].k, atol=1e-5, rtol=0)
@@ -101,15 +122,90 @@ def test_pages_view_only_for_runs_in_order() -> None:
 def test_silu_holds_for_very_negative_gates(model: Llama) -> None:
     """exp(-x) overflows float32 past x = -88; the step must stay finite and warning-free."""
     cache, ids, positions, meta = _decode_inputs(model, [6], 4, 4, False, seed=3)
-    layer = model.cpu_decoder.layers[0]
-    saved = layer.ln_mlp
-    layer.ln_mlp = saved * 1e4  # pushes some gates far below -88
-    try:
-        with np.errstate(all="raise"):
-            logits = _run(model, True, cache, ids, positions, meta)
-    finally:
-        layer.ln_mlp = saved
+    decoder = CpuDecoder(model)
+    decoder.layers[0].ln_mlp = decoder.layers[0].ln_mlp * 1e4  # pushes gates far below -88
+    with np.errstate(all="raise"):
+        logits = _run(model, decoder, cache, ids, positions, meta)
     assert torch.isfinite(logits).all()
+
+
+# -- each numpy function against its torch twin ---------------------------------------------------
+def _rows(seed: int, *shape: int) -> np.ndarray:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+@pytest.mark.parametrize("batch", [1, 5])  # batch 1 has its own branch
+def test_rms_norm_matches_its_twin(model: Llama, batch: int) -> None:
+    norm = model.model.layers[0].input_layernorm
+    x = _rows(batch, batch, CFG.hidden_size) * 3
+    got = cpu_decode.rms_norm(x, norm.weight.detach().numpy(), norm.eps)
+    torch.testing.assert_close(torch.from_numpy(got), norm(torch.from_numpy(x)), atol=1e-6,
+                               rtol=1e-6)
+
+
+def test_rotate_matches_its_twin(model: Llama) -> None:
+    positions = torch.tensor([0, 7, 300])
+    x = _rows(1, 3, CFG.num_attention_heads, CFG.head_dim)
+    cos, sin = model.rotary(positions, torch.float32)  # (3, 1, D) each
+    got = cpu_decode.rotate(x, cos.numpy(), sin.numpy())
+    torch.testing.assert_close(torch.from_numpy(got), rotate(torch.from_numpy(x), cos, sin),
+                               atol=1e-6, rtol=0)
+
+
+def test_swiglu_matches_its_twin(model: Llama, decoder: CpuDecoder) -> None:
+    """The MLP as the numpy step runs it (fused product, swiglu, down) against `MLP.forward`."""
+    x = _rows(2, 4, CFG.hidden_size)
+    w = decoder.layers[1]
+    got = w.down(cpu_decode.swiglu(w.gate_up(x)))
+    torch.testing.assert_close(torch.from_numpy(got), model.model.layers[1].mlp(
+        torch.from_numpy(x)), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lens", [[9], [3, 17, 1, 40]])  # one sequence has its own branch
+def test_paged_decode_attention_matches_its_twin(lens: list[int]) -> None:
+    block_size, hkv, group, d = 4, 2, 3, 8
+    cache = _rows(5, 2, 30, block_size, hkv, d)  # K and V: (2, NB, P, Hkv, D)
+    order = np.random.default_rng(0).permutation(30).tolist()
+    tables, start = [], 0
+    for n in lens:
+        tables.append(order[start:start + blocks_for(n, block_size)])
+        start += blocks_for(n, block_size)
+    padded = np.array(pad_tables(tables, max(map(len, tables))))
+    q = _rows(6, len(lens), hkv * group, d)  # (B, Hq, D)
+    attend = cpu_decode.PagedDecodeAttention(padded, np.array(lens), block_size, hkv, d)
+    got = attend(q.reshape(len(lens), hkv, group, d) * d ** -0.5, cache[0], cache[1])
+    want = paged_decode_attention_ref(torch.from_numpy(q), torch.from_numpy(cache[0]),
+                                      torch.from_numpy(cache[1]), torch.from_numpy(padded),
+                                      torch.tensor(lens), d ** -0.5)
+    torch.testing.assert_close(torch.from_numpy(got).reshape(want.shape), want, atol=1e-5,
+                               rtol=0)
+
+
+def test_runner_numpy_and_torch_paths_sample_and_cache_alike(model: Llama) -> None:
+    """The runner's own inputs (slots, padded tables) fed to either path: prefill, then decodes
+    of ragged sequences over scattered blocks; tokens and caches agree at every step."""
+    runners = []
+    for numpy_decode in (True, False):
+        blocks = BlockManager(40, 3)
+        blocks.free_blocks.rotate(17)  # tables that wrap around the cache, not in order
+        cache = KVCache(model.config, 40, 3, torch.float32, torch.device("cpu"))
+        runners.append(ModelRunner(model, cache, blocks, torch.device("cpu"),
+                                   numpy_decode=numpy_decode))
+    seqs = [[Sequence(RequestRecord(id=i, prompt_ids=list(range(1 + i, 6 + 4 * i)), max_tokens=8,
+                                    arrival_s=0.0)) for i in range(3)] for _ in runners]
+    for _ in range(6):
+        sampled = []
+        for runner, mine in zip(runners, seqs):
+            items = [(seq, seq.remaining) for seq in mine]
+            for seq, n in items:
+                runner.blocks.allocate(seq.id, seq.num_computed + n)
+            sampled.append(runner.run(Batch(items=items)))
+            for seq, n in items:
+                seq.num_computed += n
+                seq.append(sampled[-1][seq.id], 0.0)
+        assert sampled[0] == sampled[1]
+        torch.testing.assert_close(runners[0].cache.k, runners[1].cache.k, atol=1e-5, rtol=0)
+        torch.testing.assert_close(runners[0].cache.v, runners[1].cache.v, atol=1e-5, rtol=0)
 
 
 def test_arena_hands_out_aligned_tensors_in_the_layout_asked_for() -> None:
@@ -126,7 +222,7 @@ def test_arena_hands_out_aligned_tensors_in_the_layout_asked_for() -> None:
         arena.empty(1 << 20, 1, torch.float32, transposed=False)
 
 
-def test_prepared_cpu_matrices_share_one_arena(model: Llama) -> None:
+def test_cpu_matrices_share_one_arena(model: Llama) -> None:
     """Every matrix a decode step streams sits in the one huge-page mapping, in the layout the
     decode step was tuned for; the state dict still has Hugging Face's shapes."""
     layer = model.model.layers[0]
@@ -166,13 +262,12 @@ def test_engine_runs_products_on_torch_threads_and_openblas_on_one() -> None:
         set_blas_threads(blas_before)
 
 
-def test_a_decode_step_reads_each_weight_once_through_products_made_at_prepare(
-        model: Llama, monkeypatch) -> None:
+def test_a_decode_step_reads_each_weight_once_through_products_made_once(
+        model: Llama, decoder: CpuDecoder, monkeypatch) -> None:
     """What batched decode's speed rests on: every weight matrix has one product object, made
-    once when the model was prepared and holding the weight's own memory (nothing is copied or
+    once when the decoder is built and holding the weight's own memory (nothing is copied or
     repacked per call), and a step of B sequences calls each of them once with all B rows, through
     torch's BLAS rather than numpy's OpenBLAS (which repacks a matrix on every call of 2+ rows)."""
-    decoder = model.cpu_decoder
     products = [decoder.lm_head] + [p for w in decoder.layers for p in (w.qkv, w.o, w.gate_up,
                                                                          w.down)]
     assert len({id(p) for p in products}) == 4 * CFG.num_hidden_layers + 1
@@ -191,9 +286,9 @@ def test_a_decode_step_reads_each_weight_once_through_products_made_at_prepare(
 
     monkeypatch.setattr(torch, "mm", counting_mm)
     lens = [5, 9, 3, 12, 7]
-    _run(model, True, *_decode_inputs(model, lens, 4, 20, True, seed=5))
+    _run(model, decoder, *_decode_inputs(model, lens, 4, 20, True, seed=5))
     assert sorted(ptr for _, ptr in calls) == sorted(weights)  # each weight once, no other product
     assert {rows for rows, _ in calls} == {len(lens)}  # all sequences' rows in one call
     after = [(p, p.weight) for p in products]
-    _run(model, True, *_decode_inputs(model, lens, 4, 20, True, seed=6))
+    _run(model, decoder, *_decode_inputs(model, lens, 4, 20, True, seed=6))
     assert all(p.weight is w for p, w in after)  # the same objects serve the next step

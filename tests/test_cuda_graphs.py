@@ -19,11 +19,13 @@ import torch
 from engine.block_manager import BlockManager
 from engine.cli import build_parser, configs
 from engine.config import PRESETS, EngineConfig
-from engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, graphs_supported, ladder, padded_size
+from engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, ladder, padded_size
 from engine.llm_engine import LLMEngine
-from engine.model import KVCache, Llama
+from engine.kernels.paged_attention import paged_decode_attention_ref
+from engine.kv_cache import KVCache
+from engine.model import Llama
 from engine.records import RequestRecord
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, graphs_supported, triton_attention
 from engine.scheduler import Batch
 from engine.sequence import Sequence
 from engine.weights import load_model
@@ -73,10 +75,16 @@ class Pair:
                 getattr(cache, kv).copy_(garbage)
         self.initial = caches[1].k.clone()
         self.plain_model, self.graph_model = Recorder(model), Recorder(model)
-        self.plain = ModelRunner(self.plain_model, caches[0], self.blocks, device)
+        # Graphs run the torch forward: compare that, not the numpy decode step.
+        self.plain = ModelRunner(self.plain_model, caches[0], self.blocks, device,
+                                 numpy_decode=False)
         self.graphs = DecodeGraphs(self.graph_model, caches[1], max_batch, MAX_LEN,
-                                   scratch_block=self.num_blocks, capture=device.type == "cuda")
-        self.padded = ModelRunner(self.graph_model, caches[1], self.blocks, device, self.graphs)
+                                   scratch_block=self.num_blocks, capture=device.type == "cuda",
+                                   # the engine's kernel on CUDA, the reference on the CPU
+                                   decode_attention=(triton_attention(device)
+                                                     or paged_decode_attention_ref))
+        self.padded = ModelRunner(self.graph_model, caches[1], self.blocks, device, self.graphs,
+                                  numpy_decode=False)
         self.touched: set[int] = set()  # blocks some sequence has held
 
     def step(self, items: list[tuple[Sequence, int]]) -> None:
@@ -112,9 +120,7 @@ class Pair:
 
 @pytest.fixture(scope="module")
 def cpu_model() -> Llama:
-    model = load_model("tiny", 0, torch.device("cpu"), torch.float32, CFG)
-    model.cpu_decoder = None  # graphs capture the torch forward: test that, not the numpy decode
-    return model
+    return load_model("tiny", 0, torch.device("cpu"), torch.float32, CFG)
 
 
 def _model(device: str, cpu_model: Llama) -> Llama:
@@ -183,7 +189,6 @@ def test_kernel_reads_the_static_buffers_like_the_reference(cpu_model: Llama,
     tpa = pytest.importorskip("engine.kernels.triton_paged_attention")
     if tpa.triton is None:
         pytest.skip("triton is not installed")
-    from engine.kernels.paged_attention import paged_decode_attention_ref
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pair = Pair(cpu_model, 1, max_batch=8, device=torch.device("cpu"))
     seqs = _sequences(PROMPTS)

@@ -5,8 +5,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
-from engine.config import PRESETS, ConfigError, EngineConfig, preset
+from engine.config import PRESETS, ConfigError, EngineConfig, dtype_for, element_bytes, preset
 from engine.model import Llama
 from engine.workload import WorkloadSpec, draw_shape, make_requests
 
@@ -102,3 +103,9 @@ def test_unknown_mix_and_lognormal_with_a_range_are_refused():
         WorkloadSpec(mix="zipf")
     with pytest.raises(ConfigError, match="no length range"):
         WorkloadSpec(mix="lognormal", prompt_len_max=300)
+
+
+def test_the_device_picks_the_dtype() -> None:
+    assert dtype_for("cuda") == "bfloat16" and dtype_for("cpu") == "float32"
+    for device in ("cuda", "cpu"):
+        assert element_bytes(device) == getattr(torch, dtype_for(device)).itemsize

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from engine.block_manager import BlockManager
 from engine.config import PRESETS
-from engine.model import KVCache, Llama
+from engine.kv_cache import KVCache
+from engine.model import Llama
 from engine.records import RequestRecord
 from engine.runner import ModelRunner
 from engine.scheduler import Batch
@@ -101,7 +102,9 @@ class Harness:
         self.cache.k.copy_(torch.randn(self.cache.k.shape, generator=gen) * 50)  # garbage, finite
         self.cache.v.copy_(torch.randn(self.cache.v.shape, generator=gen) * 50)
         self.capture = CapturingModel(model)
-        self.runner = ModelRunner(self.capture, self.cache, self.blocks, torch.device("cpu"))
+        # The torch path: the numpy decode step is checked against it in test_cpu_decode.py.
+        self.runner = ModelRunner(self.capture, self.cache, self.blocks, torch.device("cpu"),
+                                  numpy_decode=False)
         self.logits: dict[tuple[int, int], torch.Tensor] = {}  # (seq id, position) -> (vocab,)
 
     def step(self, items: list[tuple[Sequence, int]]) -> None:

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from engine.config import PRESETS, ConfigError, EngineConfig, ModelConfig  # noqa: E402
 from engine.llm_engine import LLMEngine  # noqa: E402
-from engine.model import AttentionMetadata, KVCache, Llama, PrefillChunk  # noqa: E402
+from engine.kv_cache import AttentionMetadata, KVCache, PrefillChunk  # noqa: E402
+from engine.model import Llama  # noqa: E402
 from engine.workload import Request  # noqa: E402
 
 CFG = replace(PRESETS["tiny"], initializer_range=0.3)

@@ -2,7 +2,7 @@
 
 On a machine without CUDA the kernel runs in triton's CPU interpreter (TRITON_INTERPRET=1, set here
 before anything builds a kernel), in fp32 and fp16 only: the interpreter computes bf16 wrongly. With
-CUDA the same cases run compiled on the GPU, plus bf16 and the dispatcher. Shapes stay tiny because
+CUDA the same cases run compiled on the GPU, plus bf16 and the runner's choice of kernel. Shapes stay tiny because
 the interpreter executes every program in Python.
 """
 import math
@@ -21,8 +21,8 @@ import pytest  # noqa: E402
 pytest.importorskip("triton", reason="triton is an optional extra: pip install -e '.[triton]'")
 
 from engine.kernels import triton_paged_attention as tpa  # noqa: E402
-from engine.kernels.paged_attention import (paged_decode_attention,  # noqa: E402
-                                            paged_decode_attention_ref)
+from engine.kernels.paged_attention import paged_decode_attention_ref  # noqa: E402
+from engine.runner import triton_attention  # noqa: E402
 
 INTERPRETING = tpa._interpreting()
 DEVICES = [
@@ -127,10 +127,15 @@ def test_bf16_on_cuda(num_splits):
     check(make_case(8, 4, 2, 128, 16, 2000, torch.bfloat16, "cuda"), num_splits)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the dispatcher uses triton on CUDA only")
-def test_dispatcher_uses_kernel_on_cuda():
+def test_runner_offers_the_kernel_on_cuda_only():
+    assert triton_attention(torch.device("cpu")) is None  # even where the interpreter could run it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the runner uses triton on CUDA only")
+def test_runner_attends_with_the_kernel_on_cuda():
+    assert triton_attention(torch.device("cuda")) is tpa.paged_decode_attention_triton
     q, k_cache, v_cache, tables, lens = make_case(3, 2, 2, 64, 16, 100, torch.float16, "cuda")
-    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    out = triton_attention(q.device)(q, k_cache, v_cache, tables, lens, 0.125)
     ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.125)
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-3, rtol=3e-3)
 

@@ -12,8 +12,10 @@ sit side by side; several are attended to a few at a time, their pages gathered 
 array (a handful of numpy calls per layer whatever the batch, instead of a dozen per sequence).
 
 Only steps made of decodes alone come here (one new token per sequence, K/V written through the
-slot mapping, attention over each sequence's pages); prefill chunks stay on the torch path. The
-arithmetic matches `engine.model` operation for operation, in fp32.
+slot mapping, attention over each sequence's pages), and only when the runner sends them
+(`engine.runner.choose_path`); prefill chunks stay on the torch path. The arithmetic matches the
+torch path operation for operation, in fp32: each function that repeats a piece of it names its
+torch twin, and tests/test_cpu_decode.py holds every pair to the same numbers.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.block_manager import blocks_for
 from engine.kernels.cpu_products import WeightProduct
 
 # Sequences whose gathered K and V (per layer) stay within about this many bytes are attended to
@@ -42,7 +45,9 @@ class _Layer:
 
 
 class CpuDecoder:
-    """Numpy views of a prepared fp32 CPU `Llama`, and the decode step over them."""
+    """Numpy views of an fp32 CPU `Llama`'s weights, and the decode step over them.
+
+    Torch twin: `engine.model.Llama.forward` over a decodes-only batch."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
@@ -65,13 +70,6 @@ class CpuDecoder:
         self.cos = model.rotary.cos.numpy()  # (max_pos, D)
         self.sin = model.rotary.sin.numpy()
 
-    def _norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """RMSNorm over the last axis: (B, d) -> (B, d)."""
-        if x.shape[0] == 1:  # batch 1: the scale is a Python float, two array operations fewer
-            row = x[0]
-            return x * (weight * (1.0 / math.sqrt(float(row @ row) / row.shape[0] + self.eps)))
-        return x * (weight / np.sqrt(np.vecdot(x, x) / x.shape[1] + self.eps)[:, None])
-
     def __call__(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
                  block_tables: np.ndarray, context_lens: np.ndarray, k_cache: np.ndarray,
                  v_cache: np.ndarray) -> np.ndarray:
@@ -82,41 +80,64 @@ class CpuDecoder:
         """
         batch = ids.shape[0]
         hq, hkv, d = self.n_heads, self.n_kv, self.d_head
-        group, half = hq // hkv, d // 2
-        attend = _Attention(block_tables, context_lens, k_cache.shape[2], hkv, d)
+        group = hq // hkv
+        attend = PagedDecodeAttention(block_tables, context_lens, k_cache.shape[2], hkv, d)
         cos = self.cos[positions][:, None, :]  # (B, 1, D)
         sin = self.sin[positions][:, None, :]
         h = self.embed[ids]  # (B, d)
         for i, w in enumerate(self.layers):
-            qkv = w.qkv(self._norm(h, w.ln_attn))  # (B, (Hq + 2 Hkv) D)
-            qk = qkv[:, :(hq + hkv) * d].reshape(batch, hq + hkv, d)
-            turned = np.empty_like(qk)  # rotate-half: (-x2, x1)
-            np.negative(qk[..., half:], out=turned[..., :half])
-            turned[..., half:] = qk[..., :half]
-            qk = qk * cos + turned * sin  # (B, Hq + Hkv, D)
+            qkv = w.qkv(rms_norm(h, w.ln_attn, self.eps))  # (B, (Hq + 2 Hkv) D)
+            qk = rotate(qkv[:, :(hq + hkv) * d].reshape(batch, hq + hkv, d), cos, sin)
             keys, values = k_cache[i], v_cache[i]  # (NB, P, Hkv, D)
             keys.reshape(-1, hkv, d)[slots] = qk[:, hq:]
             values.reshape(-1, hkv, d)[slots] = qkv[:, (hq + hkv) * d:].reshape(batch, hkv, d)
             # A group's query heads share one K/V head: (B, Hkv, G, D) against (n, Hkv, D).
             q = (qk[:, :hq] * self.scale).reshape(batch, hkv, group, d)
             h = h + w.o(attend(q, keys, values).reshape(batch, hq * d))
-            gate_up = w.gate_up(self._norm(h, w.ln_mlp))  # (B, 2F)
-            half_width = gate_up.shape[1] // 2
-            gate, up = gate_up[:, :half_width], gate_up[:, half_width:]
-            # SiLU(gate) * up, with sigmoid(x) written as (1 + tanh(x / 2)) / 2: exp(-x) overflows
-            # for very negative gates, tanh never does.
-            h = h + w.down(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up)
-        return self.lm_head(self._norm(h, self.norm))  # (B, vocab)
+            h = h + w.down(swiglu(w.gate_up(rms_norm(h, w.ln_mlp, self.eps))))
+        return self.lm_head(rms_norm(h, self.norm, self.eps))  # (B, vocab)
 
 
-class _Attention:
-    """Decode attention over paged K/V for one step; what does not depend on the layer (page
-    lists, chunks, masks) is worked out once here and reused by every layer."""
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over the last axis: (B, d) -> (B, d). Torch twin: `engine.model.RMSNorm`."""
+    if x.shape[0] == 1:  # batch 1: the scale is a Python float, two array operations fewer
+        row = x[0]
+        return x * (weight * (1.0 / math.sqrt(float(row @ row) / row.shape[0] + eps)))
+    return x * (weight / np.sqrt(np.vecdot(x, x) / x.shape[1] + eps)[:, None])
+
+
+def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary embeddings in the rotate-half layout: x (B, H, D), cos and sin (B, 1, D) ->
+    (B, H, D). Torch twin: `engine.model.rotate`."""
+    half = x.shape[-1] // 2
+    turned = np.empty_like(x)  # (-x2, x1)
+    np.negative(x[..., half:], out=turned[..., :half])
+    turned[..., half:] = x[..., :half]
+    return x * cos + turned * sin
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """SiLU(gate) * up for the fused product (B, 2F) = [gate | up] -> (B, F). Torch twin: the
+    activation in `engine.model.MLP.forward`.
+
+    sigmoid(x) is written as (1 + tanh(x / 2)) / 2: exp(-x) overflows for very negative gates,
+    tanh never does."""
+    half = gate_up.shape[1] // 2
+    gate, up = gate_up[:, :half], gate_up[:, half:]
+    return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up
+
+
+class PagedDecodeAttention:
+    """Grouped-query decode attention over paged K/V for one step. Torch twin:
+    `engine.kernels.paged_attention.paged_decode_attention_ref`.
+
+    What does not depend on the layer (page lists, chunks, masks) is worked out once here and
+    reused by every layer."""
 
     def __init__(self, block_tables: np.ndarray, context_lens: np.ndarray, page: int, hkv: int,
                  d: int) -> None:
         self.lens = context_lens.tolist()
-        pages = [-(-n // page) for n in self.lens]
+        pages = [blocks_for(n, page) for n in self.lens]
         self.single = len(self.lens) == 1
         if self.single:  # one sequence: its pages as a view where they are side by side
             self.table = block_tables[0, :pages[0]].tolist()
@@ -128,7 +149,7 @@ class _Attention:
         self.chunks = []
         for start in range(0, len(self.lens), step):
             lens = context_lens[start:start + step]
-            width = -(-int(lens.max()) // page)
+            width = blocks_for(int(lens.max()), page)
             table = block_tables[start:start + step, :width]  # (b, pages) padded with valid ids
             positions = np.arange(width * page)
             mask = np.where(positions[None, :] < lens[:, None], 0.0, -np.inf).astype(np.float32)

@@ -1,5 +1,6 @@
-"""Decode attention through block tables: the torch reference path, used on the CPU and as the
-oracle for the Triton kernel.
+"""Decode attention through block tables in torch: the reference kernel, and the oracle the Triton
+kernel (`engine.kernels.triton_paged_attention`) is tested against. Which of the two a step uses is
+the runner's choice (`engine.runner.choose_path`).
 
 One query token per sequence attends to every cached token of that sequence. K and V live in pages
 of `block_size` slots; `block_tables[b]` lists the physical pages of sequence b in logical order.
@@ -33,14 +34,3 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                                          scale=scale)  # (B, Hkv, G, D)
     return out.reshape(batch, n_heads, d_head)
 
-
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA when triton is installed, else the torch reference."""
-    if q.is_cuda:
-        from engine.kernels import triton_paged_attention as tpa
-        if tpa.available():
-            return tpa.paged_decode_attention_triton(q, k_cache, v_cache, block_tables,
-                                                     context_lens, scale)
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)

@@ -1,6 +1,6 @@
-"""Paged decode attention in Triton: the CUDA path behind `paged_decode_attention`.
+"""Paged decode attention in Triton: the kernel CUDA steps attend with (`engine.runner.choose_path`).
 
-Same contract as `paged_decode_attention_ref` (the oracle, and the CPU path). Design, for a GPU
+Same contract as `paged_decode_attention_ref` (the oracle, and the CPU's kernel). Design, for a GPU
 where decode attention is bound by how fast K/V stream out of memory:
 
 * One program per (sequence, KV head, split). It loads K/V of that KV head once and serves every
