@@ -14,8 +14,9 @@ from typing import Any, TextIO
 
 import torch
 
+from engine.cli_flags import (add_engine_flags, apply_cpu_threads, engine_config, finite_float,
+                              positive_int)
 from engine.config import ConfigError, EngineConfig, SLO
-from engine.cpu_threads import set_blas_threads
 from engine.limits import check_cli_run
 from engine.llm_engine import LLMEngine
 from engine.metrics import Summary, summarize
@@ -28,13 +29,6 @@ SUMMARY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "goodput_rps", "slo_at
                 "preemptions")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad flag gets one line on stderr (and exit code 2), not the usage text."""
 
@@ -42,23 +36,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see python -m engine run --help)\n")
 
 
-def finite_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m engine", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="serve a synthetic workload and report serving metrics")
-    run.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
+    add_engine_flags(run)
     run.add_argument("--batch", type=positive_int, default=8,
                      help="most concurrent sequences; also the request count without --requests")
     run.add_argument("--context", type=positive_int, default=128, help="prompt length in tokens")
     run.add_argument("--output", type=positive_int, default=64, help="tokens to generate")
-    run.add_argument("--page-size", type=int, default=16, help="tokens per KV block")
     run.add_argument("--policy", choices=("continuous", "static"), default="continuous")
     run.add_argument("--requests", type=positive_int, help="number of requests (default: --batch)")
     run.add_argument("--rate", type=finite_float, help="arrival rate in requests/s (default: all at t=0)")
@@ -67,30 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lengths: fixed, or lognormal around --context and --output as means")
     run.add_argument("--ttft-slo", type=finite_float, help="TTFT SLO in ms for goodput")
     run.add_argument("--tpot-slo", type=finite_float, help="TPOT SLO in ms for goodput")
-    run.add_argument("--kv-budget-mb", type=finite_float, help="KV cache size in MiB (default: device)")
-    run.add_argument("--max-batched-tokens", type=positive_int, default=512,
-                     help="token budget per step (caps a prefill chunk)")
     run.add_argument("--no-chunked-prefill", action="store_true",
                      help="schedule each prompt whole instead of in chunks")
-    run.add_argument("--no-cuda-graphs", action="store_true",
-                     help="launch decode steps kernel by kernel (CUDA only; shows what graphs save)")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--cpu-threads", type=positive_int,
-                     help="BLAS threads for CPU runs (default: one per core; the lab uses one fewer)")
-    run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true", help="print one JSON object")
-    add_commands(sub, positive_int, finite_float)  # serve, tokenizer (engine/server/cli.py)
+    add_commands(sub)  # serve, tokenizer (engine/server/cli.py)
     return parser
 
 
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, WorkloadSpec, SLO]:
     """Map command-line flags onto the engine's config objects (they validate themselves)."""
-    budget = None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20)
-    engine = EngineConfig(model=args.model, device=args.device, seed=args.seed,
-                          block_size=args.page_size, kv_budget_bytes=budget,
-                          max_num_seqs=args.batch, max_num_batched_tokens=args.max_batched_tokens,
-                          policy=args.policy, chunked_prefill=not args.no_chunked_prefill,
-                          cuda_graphs=not args.no_cuda_graphs)
+    engine = engine_config(args, max_num_seqs=args.batch, policy=args.policy,
+                           chunked_prefill=not args.no_chunked_prefill)
     workload = WorkloadSpec(num_requests=args.requests or args.batch, prompt_len=args.context,
                             output_len=args.output, rate=args.rate, burstiness=args.burstiness,
                             mix=args.mix, seed=args.seed)
@@ -165,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine_cfg, workload, slo = configs(args)
         check_cli_run(engine_cfg, workload)  # before any prompt, weight or cache is made
-        if args.cpu_threads is not None:
-            set_blas_threads(args.cpu_threads)
+        apply_cpu_threads(args)
         engine = LLMEngine(engine_cfg)
         progress = Progress(workload.num_requests)
         try:

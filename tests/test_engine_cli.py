@@ -200,3 +200,18 @@ def test_huge_context_exits_2_inside_a_small_address_space() -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == ("error: --context 100000000 is past the model's maximum of 8192 tokens "
                            "(prompt + output)\n")
+
+
+def test_run_and_serve_read_the_engine_flags_alike() -> None:
+    """One list of engine flags (engine.cli_flags) behind both commands."""
+    from engine.cli_flags import engine_config
+
+    flags = ["--model", "tiny", "--device", "cpu", "--page-size", "4", "--kv-budget-mb", "2",
+             "--max-batched-tokens", "64", "--no-cuda-graphs", "--seed", "3"]
+    parser = cli.build_parser()
+    ran = cli.configs(parser.parse_args(["run", *flags]))[0]
+    served = engine_config(parser.parse_args(["serve", *flags]))
+    shared = ("model", "device", "block_size", "kv_budget_bytes", "max_num_batched_tokens",
+              "cuda_graphs", "seed")
+    assert [getattr(ran, f) for f in shared] == [getattr(served, f) for f in shared] == [
+        "tiny", "cpu", 4, 2 * 2**20, 64, False, 3]

@@ -10,20 +10,18 @@ import asyncio
 import sys
 from pathlib import Path
 
+from engine.cli_flags import (add_engine_flags, apply_cpu_threads, engine_config, finite_float,
+                              positive_int)
 
-def add_commands(sub: argparse._SubParsersAction, positive_int, finite_float) -> None:
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Add `serve` and `tokenizer` to `python -m engine`'s subcommands."""
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    serve.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
+    add_engine_flags(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--page-size", type=int, default=16, help="tokens per KV block")
-    serve.add_argument("--kv-budget-mb", type=finite_float,
-                       help="KV cache size in MiB (default: device)")
     serve.add_argument("--max-num-seqs", type=positive_int, default=8,
                        help="most sequences in one batch")
-    serve.add_argument("--max-batched-tokens", type=positive_int, default=512,
-                       help="token budget per step (caps a prefill chunk)")
     serve.add_argument("--max-model-len", type=positive_int,
                        help="longest prompt + output (default: the model's positions)")
     serve.add_argument("--max-waiting", type=positive_int, default=256,
@@ -32,12 +30,6 @@ def add_commands(sub: argparse._SubParsersAction, positive_int, finite_float) ->
                        help="on SIGTERM, how long streams may finish before they are aborted")
     serve.add_argument("--trace-out", type=Path,
                        help="append each finished request's record here, one JSON line each")
-    serve.add_argument("--no-cuda-graphs", action="store_true",
-                       help="launch decode steps kernel by kernel (CUDA only)")
-    serve.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    serve.add_argument("--cpu-threads", type=positive_int,
-                       help="BLAS threads for CPU runs (default: one per core)")
-    serve.add_argument("--seed", type=int, default=0, help="seeds the preset's random weights")
     serve.add_argument("--no-lab", action="store_true",
                        help="leave out the lab's measured-run routes (/lab/info, /lab/runs)")
     serve.set_defaults(main=serve_main)
@@ -70,20 +62,12 @@ def tokenizer_main(args: argparse.Namespace) -> int:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from engine.config import EngineConfig
-    from engine.cpu_threads import set_blas_threads
     from engine.llm_engine import LLMEngine
     from engine.server.app import serve
     from engine.server.tokenizer import for_model
 
-    budget = None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20)
-    config = EngineConfig(model=args.model, device=args.device, seed=args.seed,
-                          block_size=args.page_size, kv_budget_bytes=budget,
-                          max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_batched_tokens,
-                          max_model_len=args.max_model_len, cuda_graphs=not args.no_cuda_graphs)
-    if args.cpu_threads is not None:
-        set_blas_threads(args.cpu_threads)
+    config = engine_config(args, max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    apply_cpu_threads(args)
     engine = LLMEngine(config)
     codec = for_model(args.model, engine.model_config)
     lab = None
