@@ -14,17 +14,23 @@ listed in docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
+if __name__ == "__main__":  # run as a program: before torch loads (see cpu_threads.quiet_openmp)
+    from engine.cpu_threads import quiet_openmp
 
-from engine import analytic, device_probe
-from engine.config import ConfigError, EngineConfig
-from engine.hf_peer import run_peer
-from engine.llm_engine import LLMEngine
-from engine.metrics import summarize
-from engine.workload import Request, WorkloadSpec, make_requests
+    quiet_openmp()
+
+import argparse  # noqa: E402  (after quiet_openmp, on purpose; the same below)
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from engine import analytic, device_probe  # noqa: E402
+from engine.config import ConfigError, EngineConfig  # noqa: E402
+from engine.hf_peer import run_peer  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.metrics import summarize  # noqa: E402
+from engine.workload import Request, WorkloadSpec, make_requests  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -138,32 +144,48 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.split("\n")[0])
+def bench_main(argv: list[str] | None, prog: str, description: str, quick_help: str,
+               add_flags: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace], dict],
+               lines: Callable[[dict], list[str]]) -> int:
+    """The benchmarks' shared command line: --model, --quick, --json and the flags `add_flags`
+    adds; prints `run`'s result as one JSON object or as `lines`. A ConfigError is one line on
+    stderr and exit code 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (a smoke run)")
+    add_flags(parser)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        out = run_bench(args.model, args.device, args.quick)
+        out = run(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(out))
-    else:
-        r, v = out["roofline"], out["vs_hf"]
-        print(f"device {out['device']}, model {out['model']}")
-        print(f"TPOT batch 1: {r['tpot_ms']:.2f} ms, floor {r['tpot_floor_ms']:.2f} ms "
-              f"at {r['bandwidth_gbs']:.1f} GB/s (ratio {r['ratio']:.2f})")
-        for e in out["sweep"]:
-            print(f"batch {e['batch']:2d}: TPOT {e['tpot_ms']:6.2f} ms, "
-                  f"floor {e['floor_ms']:6.2f} ms (ratio {e['ratio']:.2f}), "
-                  f"{e['throughput_tok_s']:7.1f} output tok/s")
-        print(f"engine / HF: TPOT b1 {v['tpot_ratio_b1']:.2f}, TPOT b8 {v['tpot_ratio_b8']:.2f}, "
-              f"mixed throughput {v['throughput_ratio_mixed']:.2f}x")
+    print(json.dumps(out) if args.json else "\n".join(lines(out)))
     return 0
+
+
+def summary_lines(out: dict) -> list[str]:
+    """The readable form of `run_bench`'s result."""
+    r, v = out["roofline"], out["vs_hf"]
+    return ([f"device {out['device']}, model {out['model']}",
+             f"TPOT batch 1: {r['tpot_ms']:.2f} ms, floor {r['tpot_floor_ms']:.2f} ms "
+             f"at {r['bandwidth_gbs']:.1f} GB/s (ratio {r['ratio']:.2f})"]
+            + [f"batch {e['batch']:2d}: TPOT {e['tpot_ms']:6.2f} ms, "
+               f"floor {e['floor_ms']:6.2f} ms (ratio {e['ratio']:.2f}), "
+               f"{e['throughput_tok_s']:7.1f} output tok/s" for e in out["sweep"]]
+            + [f"engine / HF: TPOT b1 {v['tpot_ratio_b1']:.2f}, TPOT b8 {v['tpot_ratio_b8']:.2f}, "
+               f"mixed throughput {v['throughput_ratio_mixed']:.2f}x"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    return bench_main(argv, "python -m engine.bench", __doc__.split("\n")[0],
+                      "small sizes, one repeat (a smoke run)", flags,
+                      lambda args: run_bench(args.model, args.device, args.quick), summary_lines)
 
 
 if __name__ == "__main__":

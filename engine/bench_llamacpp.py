@@ -10,20 +10,26 @@ imports `engine` (`engine/llamacpp_child.py`). Measured on both sides:
 """
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import sys
-import tempfile
-from pathlib import Path
+if __name__ == "__main__":  # run as a program: before torch loads (see cpu_threads.quiet_openmp)
+    from engine.cpu_threads import quiet_openmp
 
-from engine.config import ConfigError, EngineConfig
-from engine.cpu_threads import set_blas_threads
-from engine.gguf_export import write_gguf
-from engine.hf_peer import plain_state, run_child
-from engine.llm_engine import LLMEngine
-from engine.metrics import summarize
-from engine.workload import WorkloadSpec, make_requests
+    quiet_openmp()
+
+import argparse  # noqa: E402  (after quiet_openmp, on purpose; the same below)
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from engine.bench import bench_main  # noqa: E402
+from engine.config import ConfigError, EngineConfig  # noqa: E402
+from engine.cpu_threads import set_blas_threads  # noqa: E402
+from engine.gguf_export import write_gguf  # noqa: E402
+from engine.hf_peer import plain_state, run_child  # noqa: E402
+from engine.llm_engine import LLMEngine  # noqa: E402
+from engine.metrics import summarize  # noqa: E402
+from engine.workload import WorkloadSpec, make_requests  # noqa: E402
 
 CHILD = Path(__file__).with_name("llamacpp_child.py")
 
@@ -68,37 +74,34 @@ def run(model: str, quick: bool, threads: int | None = None) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.bench_llamacpp",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="cpu-30m", help="preset name or checkpoint directory")
-    parser.add_argument("--threads", type=int,
-                        help="threads for llama.cpp and the engine (default: one per core)")
-    parser.add_argument("--quick", action="store_true", help="16 new tokens, one repeat")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+def summary_lines(out: dict) -> list[str]:
+    """The readable form of `run`'s result."""
+    t, p = out["tpot_ms"], out["prefill_tok_s"]
+    return [f"model {out['model']}, engine on {out['device']}, llama.cpp {out['llama_cpp']} on "
+            f"{out['llama_cpp_threads']} threads",
+            f"greedy tokens match: {out['greedy_match']}",
+            f"TPOT batch 1: engine {t['engine']:.2f} ms, llama.cpp {t['llama_cpp']:.2f} ms",
+            f"prefill (128 tokens): engine {p['engine']:.0f} tok/s, llama.cpp "
+            f"{p['llama_cpp']:.0f} tok/s"]
+
+
+def run_if_installed(args: argparse.Namespace) -> dict:
+    """`run`, once the `llamacpp` extra is known to be installed."""
     try:
         import gguf  # noqa: F401
         import llama_cpp  # noqa: F401
     except ImportError as err:
-        print(f"error: {err.name} is not installed; pip install -e '.[llamacpp]'", file=sys.stderr)
-        return 2
-    try:
-        out = run(args.model, args.quick, args.threads)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(out))
-        return 0
-    print(f"model {out['model']}, engine on {out['device']}, llama.cpp {out['llama_cpp']} on "
-          f"{out['llama_cpp_threads']} threads")
-    print(f"greedy tokens match: {out['greedy_match']}")
-    t, p = out["tpot_ms"], out["prefill_tok_s"]
-    print(f"TPOT batch 1: engine {t['engine']:.2f} ms, llama.cpp {t['llama_cpp']:.2f} ms")
-    print(f"prefill (128 tokens): engine {p['engine']:.0f} tok/s, llama.cpp {p['llama_cpp']:.0f} "
-          "tok/s")
-    return 0
+        raise ConfigError(f"{err.name} is not installed; pip install -e '.[llamacpp]'") from None
+    return run(args.model, args.quick, args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--threads", type=int,
+                            help="threads for llama.cpp and the engine (default: one per core)")
+
+    return bench_main(argv, "python -m engine.bench_llamacpp", __doc__.split("\n")[0],
+                      "16 new tokens, one repeat", flags, run_if_installed, summary_lines)
 
 
 if __name__ == "__main__":
