@@ -15,6 +15,7 @@ and what llama.cpp expects:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,9 @@ NAMES = {
 }
 TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
              "output_norm.weight", "lm_head.weight": "output.weight"}
+# The rotated projections (inside layer i), and the ModelConfig field that counts their heads.
+ROTATED_HEADS = {"self_attn.q_proj.weight": "num_attention_heads",
+                 "self_attn.k_proj.weight": "num_key_value_heads"}
 
 
 def interleave_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -60,12 +64,40 @@ def gguf_tensors(state: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np
         if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in NAMES:
             raise ValueError(f"no llama.cpp name for {name}")
         layer, rest = parts[2], parts[3]
-        if rest == "self_attn.q_proj.weight":
-            value = interleave_rope_rows(value, cfg.num_attention_heads)
-        elif rest == "self_attn.k_proj.weight":
-            value = interleave_rope_rows(value, cfg.num_key_value_heads)
+        if rest in ROTATED_HEADS:
+            value = interleave_rope_rows(value, getattr(cfg, ROTATED_HEADS[rest]))
         out[f"blk.{layer}.{NAMES[rest]}"] = value
     return out
+
+
+def header(cfg: ModelConfig, gguf: Any) -> dict[str, Any]:
+    """The file's header as `GGUFWriter.add_<key>(value)` calls: the model's shapes, then the
+    placeholder vocabulary (token i spelled `<i>`; 0-2 unk, bos, eos). `gguf` is the module."""
+    types = gguf.TokenType
+    return {
+        "context_length": cfg.max_position_embeddings,
+        "embedding_length": cfg.hidden_size,
+        "block_count": cfg.num_hidden_layers,
+        "feed_forward_length": cfg.intermediate_size,
+        "head_count": cfg.num_attention_heads,
+        "head_count_kv": cfg.num_key_value_heads,
+        "key_length": cfg.head_dim,
+        "value_length": cfg.head_dim,
+        "rope_dimension_count": cfg.head_dim,
+        "rope_freq_base": cfg.rope_theta,
+        "layer_norm_rms_eps": cfg.rms_norm_eps,
+        "vocab_size": cfg.vocab_size,
+        "file_type": gguf.LlamaFileType.ALL_F32,
+        "tokenizer_model": "llama",
+        "token_list": ["<unk>", "<s>", "</s>"] + [f"<{i}>" for i in range(3, cfg.vocab_size)],
+        "token_scores": [0.0] * cfg.vocab_size,
+        "token_types": [types.UNKNOWN, types.CONTROL, types.CONTROL]
+                       + [types.NORMAL] * (cfg.vocab_size - 3),
+        "unk_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "add_bos_token": False,  # the benchmark's prompts are token ids, used as given
+    }
 
 
 def write_gguf(path: Path, state: dict[str, np.ndarray], cfg: ModelConfig) -> None:
@@ -73,29 +105,8 @@ def write_gguf(path: Path, state: dict[str, np.ndarray], cfg: ModelConfig) -> No
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<{i}>" for i in range(3, cfg.vocab_size)]
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * cfg.vocab_size)
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    writer.add_token_types(types + [gguf.TokenType.NORMAL] * (cfg.vocab_size - 3))
-    writer.add_unk_token_id(0)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_add_bos_token(False)  # the benchmark's prompts are token ids, used as given
+    for key, value in header(cfg, gguf).items():
+        getattr(writer, f"add_{key}")(value)
     for name, value in gguf_tensors(state, cfg).items():
         writer.add_tensor(name, value)
     writer.write_header_to_file()

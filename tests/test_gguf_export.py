@@ -84,6 +84,11 @@ def test_the_file_reads_back(tmp_path) -> None:
     v = tensors["blk.0.attn_v.weight"]
     assert np.array_equal(np.asarray(v.data).reshape(-1),
                           state["model.layers.0.self_attn.v_proj.weight"].reshape(-1))
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert (fields["llama.block_count"], fields["llama.attention.head_count_kv"],
+            fields["llama.rope.freq_base"], len(fields["tokenizer.ggml.tokens"])) == (
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.rope_theta, cfg.vocab_size)
+    assert fields["tokenizer.ggml.add_bos_token"] is False
 
 
 def test_llama_cpp_greedy_tokens_match_the_engine() -> None:
