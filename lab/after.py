@@ -1,8 +1,9 @@
 """The "After the first pass" section: the storyboard of the last run, visual inquiry, source cards,
 claim review, the practice loop and the research room, each under an anchored heading.
 
-Built once per session from `content/` and the session's `DemoController`: the storyboard is fed
-each new trace through `demo.listeners`; the research prompt reads the demo's current settings.
+Each panel is built for a session when its learner first opens it, from `content/` and the
+session's `DemoController`: the storyboard is fed each new trace through `demo.listeners`; the
+research prompt reads the demo's current settings.
 """
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import panel as pn
 
 from lab.content import Content, to_plain
 from lab.demo import DemoController
-from widgets.base import served
 from lab.sections import html_pane, section_heading
 from lab.state import LabState
+from widgets.base import served
 from widgets.inquiry import VisualInquiry
 from widgets.practice import PracticeLoop
 from widgets.research_room import ResearchRoom
@@ -37,39 +38,72 @@ def panel_heading(content: Content, panel_id: str) -> pn.pane.HTML:
                      css_classes=["after-head"])
 
 
+class LazyPanel(pn.viewable.Viewer):
+    """One panel of the section: its heading, and an "Open" button that builds its views the
+    first time it is pressed. A page a learner reads once pays for no panel they never open
+    (they are most of a page's Bokeh models, and each model is server work per session)."""
+
+    def __init__(self, content: Content, panel_id: str, build) -> None:
+        super().__init__()
+        self.panel_id = panel_id
+        self._build = build
+        self.views: list | None = None
+        heading = content.panel(panel_id)["heading"]
+        self.button = pn.widgets.Button(label=f"Open: {heading}", button_type="light",
+                                        css_classes=["after-open", f"after-open-{panel_id}"])
+        self.button.on_click(lambda _e: self.open())
+        self.layout = pn.Column(panel_heading(content, panel_id), self.button,
+                                sizing_mode="stretch_width",
+                                css_classes=["after-panel", f"after-{panel_id}"])
+
+    def __panel__(self) -> pn.Column:
+        return self.layout
+
+    def open(self) -> list:
+        """Build the panel's views (once) and show them in place of the button."""
+        if self.views is None:
+            self.views = self._build()
+            self.layout.objects = [self.layout.objects[0], *self.views]
+        return self.views
+
+
 def after_first_pass(demo: DemoController, content: Content) -> pn.Column:
-    """The whole section for one session; its parts are reachable as attributes of the column."""
-    storyboard = Storyboard()
-    if demo.trace is not None:
-        storyboard.show(demo.trace)
+    """The whole section for one session. Each panel is built when first opened; the column's
+    `panels` maps each panel id to its `LazyPanel`."""
 
-    def on_run(trace, _summary) -> None:
-        if trace is not storyboard.trace:  # an SLO change redraws the same trace: keep the step
-            storyboard.show(trace)
+    def storyboard() -> list:
+        board = Storyboard()
+        if demo.trace is not None:
+            board.show(demo.trace)
 
-    demo.listeners.append(on_run)
-    research = ResearchRoom(research=to_plain(content.research),
+        def on_run(trace, _summary) -> None:
+            if trace is not board.trace:  # an SLO change redraws the same trace: keep the step
+                board.show(trace)
+
+        demo.listeners.append(on_run)
+        if served():
+            pn.state.on_session_destroyed(lambda _ctx: board.close())
+        return [pn.pane.Markdown(content.storyboard, sizing_mode="stretch_width"), board]
+
+    def research() -> list:
+        room = ResearchRoom(research=to_plain(content.research),
                             demo_state=lambda: demo_state_text(demo.state))
-    demo.state.param.watch(lambda *_: research.refresh(), list(LabState.CONTROLS))
-    if served():
-        pn.state.on_session_destroyed(lambda _ctx: storyboard.close())
-    parts = {
-        "storyboard": [pn.pane.Markdown(content.storyboard, sizing_mode="stretch_width"),
-                       storyboard],
-        "inquiry": [VisualInquiry(inquiry=to_plain(content.inquiry))],
-        "sources": [SourceCards(sources=to_plain(content.sources))],
-        "claims": [ClaimReview(claims=to_plain(content.claims),
-                               sources=to_plain(content.sources))],
-        "practice": [PracticeLoop(items=to_plain(content.practice))],
-        "research": [research],
+        demo.state.param.watch(lambda *_: room.refresh(), list(LabState.CONTROLS))
+        return [room]
+
+    builders = {
+        "storyboard": storyboard,
+        "inquiry": lambda: [VisualInquiry(inquiry=to_plain(content.inquiry))],
+        "sources": lambda: [SourceCards(sources=to_plain(content.sources))],
+        "claims": lambda: [ClaimReview(claims=to_plain(content.claims),
+                                       sources=to_plain(content.sources))],
+        "practice": lambda: [PracticeLoop(items=to_plain(content.practice))],
+        "research": research,
     }
+    panels = {pid: LazyPanel(content, pid, build) for pid, build in builders.items()}
     column = pn.Column(
         section_heading(content, "after"),
         pn.pane.Markdown(content.after["intro"], sizing_mode="stretch_width"),
-        *[pn.Column(panel_heading(content, pid), *views, sizing_mode="stretch_width",
-                    css_classes=["after-panel", f"after-{pid}"])
-          for pid, views in parts.items()],
-        sizing_mode="stretch_width", css_classes=["lab-section", "after"])
-    column.storyboard, column.research = storyboard, research
-    column.inquiry, column.practice = parts["inquiry"][0], parts["practice"][0]
+        *panels.values(), sizing_mode="stretch_width", css_classes=["lab-section", "after"])
+    column.panels = panels
     return column

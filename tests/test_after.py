@@ -365,10 +365,16 @@ def test_after_section_has_every_anchor_and_follows_the_demo(content, trace):
     demo = FakeDemo()
     demo.trace = None
     section = after_first_pass(demo, content)
-    section.get_root(Document())  # the whole section renders to Bokeh models
+    root = section.get_root(Document())
+    closed = len(list(root.references()))
     markup = " ".join(str(p.object) for p in section.select(pn.pane.HTML))
     for pid in AFTER_PANELS:
-        assert f'id="{pid}"' in markup
+        assert f'id="{pid}"' in markup  # every anchor is there before any panel is opened
+    assert demo.listeners == []  # nothing built, nothing following the demo yet
+    for panel in section.panels.values():
+        panel.open()
+    assert len(list(section.get_root(Document()).references())) > 2 * closed
+    section.storyboard = section.panels["storyboard"].views[1]
     summary = summarize(trace)
     for listener in demo.listeners:
         listener(trace, summary)

@@ -63,9 +63,11 @@ class RunInfo:
 
 def make_figure(title: str, x_label: str, y_label: str, height: int = PLOT_HEIGHT,
                 **kwargs: Any) -> figure:
-    """A themed-by-Panel figure that stretches to its column's width."""
+    """A themed-by-Panel figure that stretches to its column's width. Two tools only (zoom to a
+    box, and back): every tool is a model each session's page carries, and a page has a dozen
+    figures."""
     p = figure(title=title, height=height, sizing_mode="stretch_width",
-               tools="pan,box_zoom,wheel_zoom,reset,save", toolbar_location="right",
+               tools="box_zoom,reset", toolbar_location="right",
                min_border_left=50, **kwargs)
     p.toolbar.autohide = True
     p.xaxis.axis_label = x_label

@@ -60,8 +60,17 @@ def test_skip_reveals_without_a_verdict(loaded: Page):
     expect(page.locator(".gate-verdict-pane")).to_contain_text("skipped")
 
 
+def open_panel(page: Page, panel_id: str) -> None:
+    """Press a panel's "Open" button: after-the-first-pass panels are built on first open."""
+    button = page.locator(f".after-open-{panel_id} button")
+    expect(button).to_be_visible(timeout=30_000)
+    button.click()
+    expect(button).to_be_hidden(timeout=30_000)
+
+
 def test_storyboard_steps_through_the_real_trace(loaded: Page):
     page = loaded
+    open_panel(page, "storyboard")
     counter = page.locator(".sb-counter")
     expect(counter).to_contain_text(re.compile(r"Engine step 0 · 1 of \d+"), timeout=60_000)
     total = int(re.search(r"of (\d+)", counter.inner_text()).group(1))
@@ -86,6 +95,7 @@ def test_storyboard_steps_through_the_real_trace(loaded: Page):
 
 def test_research_draft_survives_a_reload_and_stays_in_the_browser(loaded: Page):
     page = loaded
+    open_panel(page, "research")
     question = page.locator(".research-draft textarea")
     action = page.locator(".research-draft input")
     question.fill("Why does TPOT barely move when the batch doubles on this CPU?")
@@ -99,6 +109,7 @@ def test_research_draft_survives_a_reload_and_stays_in_the_browser(loaded: Page)
     expect(prompt).to_contain_text("Why does TPOT barely move")
     page.reload()
     wait_measured(page)
+    open_panel(page, "research")
     expect(question).to_have_value("Why does TPOT barely move when the batch doubles on this CPU?")
     expect(action).to_have_value("Run batch 4 and 8 and compare TPOT p50")
     expect(prompt).to_contain_text("Why does TPOT barely move")  # restored values reach the prompt
