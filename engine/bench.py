@@ -24,6 +24,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import replace  # noqa: E402
 
 from engine import analytic, device_probe  # noqa: E402
 from engine.config import ConfigError, EngineConfig  # noqa: E402
@@ -95,7 +96,7 @@ def run_bench(model: str, device: str, quick: bool) -> dict:
     engine = LLMEngine(EngineConfig(model=model, device=device, max_num_seqs=max(SWEEP_BATCHES),
                                     max_num_batched_tokens=max(SWEEP_BATCHES) * prompt_len))
     # The mixed workload's batch cap matches Hugging Face's static batches; same weights.
-    capped = LLMEngine(engine.config.with_(max_num_seqs=mixed_batch, max_num_batched_tokens=512),
+    capped = LLMEngine(replace(engine.config, max_num_seqs=mixed_batch, max_num_batched_tokens=512),
                        model=engine.model)
     log(f"device {engine.device_name}, model {model}")
     probe = device_probe.probe(engine.device.type)

@@ -5,7 +5,7 @@ into one line on stderr and exit code 2, and the lab turns it into a notice.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
@@ -145,9 +145,6 @@ class EngineConfig:
         # silently mean "no limit" and a negative value would reject every request.
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be at least 1, got {self.max_model_len}")
-
-    def with_(self, **changes: Any) -> "EngineConfig":
-        return replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

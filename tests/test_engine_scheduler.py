@@ -39,7 +39,7 @@ def requests(shapes=SHAPES, seed: int = 0) -> list[Request]:
 def engine(**changes) -> LLMEngine:
     cfg = EngineConfig(model="tiny", device="cpu", block_size=BLOCK, kv_budget_bytes=1 << 20,
                        max_num_seqs=8, max_num_batched_tokens=512, model_config=CFG)
-    return LLMEngine(cfg.with_(**changes))
+    return LLMEngine(replace(cfg, **changes))
 
 
 @pytest.fixture(scope="module")
