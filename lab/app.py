@@ -9,6 +9,7 @@ import panel as pn
 
 from lab import shared
 from lab.page import build_page
+from lab.ticker import recount_models_once
 
 if pn.state.served:
     pn.extension("katex", throttled=True, notifications=False)
@@ -17,4 +18,5 @@ if pn.state.served:
                       traces=shared.traces(), query=query,
                       links={"prerequisite": os.environ.get("LAB_PREREQ_URL", ""),
                              "next": os.environ.get("LAB_NEXT_URL", "")})
-    page.servable()
+    with recount_models_once():  # the template adds roots and a theme one at a time
+        page.servable()

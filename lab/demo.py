@@ -22,7 +22,7 @@ from lab.engine_client import (EngineClient, EngineInfo, EngineUnavailable, Outc
                                TraceCache)
 from lab.runs import Limits, RunKey, check_run, kv_capacity_bytes, run_spec, running_bounds
 from lab.state import LabState
-from lab.ticker import Ticker
+from lab.ticker import Ticker, recount_models_once
 from widgets.device_banner import DeviceBanner
 from widgets.goodput_rate_plot import GoodputRatePlot
 from widgets.kv_memory_plot import KVMemoryPlot
@@ -89,18 +89,21 @@ class DemoController:
 
     # -- submitting ----------------------------------------------------------------------------
     def start(self) -> None:
-        self.submit()
+        with recount_models_once():
+            self.submit()
 
     def _on_controls(self, *_events) -> None:
         self.repeat = 0
-        self.submit()
+        with recount_models_once():
+            self.submit()
 
     def run_again(self) -> None:
         """Measure the current setting once more (a new measurement, not the cached one)."""
         base = self.state.key()
         self.repeat = next(r for r in range(1, 10**6)
                            if self.traces.get(base.with_(repeat=r)) is None)
-        self.submit()
+        with recount_models_once():
+            self.submit()
 
     def repeats(self, key: RunKey) -> list[Trace]:
         """Every measurement of `key`'s setting this page process has (any repeat index)."""
@@ -171,8 +174,11 @@ class DemoController:
     # -- each tick, on the session's loop ------------------------------------------------------
     def tick(self) -> None:
         """Apply what arrived since the last tick: one update of the run state."""
-        if not self._inbox:
-            return
+        if self._inbox:
+            with recount_models_once():
+                self._apply_inbox()
+
+    def _apply_inbox(self) -> None:
         steps: list[StepRecord] = []
         position = None
         finished = None
@@ -262,7 +268,8 @@ class DemoController:
     def _on_slo(self, *_events) -> None:
         """The shown run again, under the SLOs as they are now."""
         if self.trace is not None:
-            self._draw(self.trace)
+            with recount_models_once():
+                self._draw(self.trace)
 
     def close(self) -> None:
         """The session ended: stop the ticker and hang up, which withdraws this session's runs."""
