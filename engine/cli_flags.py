@@ -1,4 +1,4 @@
-"""The flags that configure an engine, shared by `python -m engine run` and `python -m engine serve`.
+"""The flags that configure an engine, shared by `python -m engine run` and `serve`.
 
 One list, so the two commands cannot drift apart: the model and where it runs, KV paging, the
 per-step token budget, CUDA graphs, CPU threads and the seed. Each command adds its own flags (the

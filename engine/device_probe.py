@@ -14,6 +14,7 @@ import time
 import torch
 
 from engine.analytic import DeviceProbe
+from engine.config import dtype_for
 
 
 def _times(fn, device: torch.device, repeats: int) -> list[float]:
@@ -45,7 +46,7 @@ def probe(device_type: str = "cpu") -> DeviceProbe:
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     reads = [n_bytes / t / 1e9 for t in _times(lambda: src.sum(), device, repeats=5)]
     del src
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, dtype_for(device.type))  # the engine's dtype: the rate it will get
     n = 8192 if cuda else 1024
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)

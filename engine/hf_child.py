@@ -4,9 +4,10 @@
 `jobs.json`) and runs this file as a script with DIR as its one argument (`run_child`); the
 results go to stdout as one JSON object. Why a separate process: the engine's entry points set
 `OMP_WAIT_POLICY=PASSIVE` (see `engine.cpu_threads.quiet_openmp`) and engine runs size torch's
-threads for themselves. Hugging Face `generate()` is all torch and was measured slower in the engine's process
-(batch-8 TPOT 17.7 ms inside the benchmark against 13.3 ms standalone). Here it gets a process of
-its own with torch's default threads, as a user of transformers would run it.
+threads for themselves. Hugging Face `generate()` is all torch and was measured slower in the
+engine's process (docs/benchmarks.md, "The Hugging Face peer, in-process and in its own process").
+Here it gets a process of its own with torch's default threads, as a user of transformers would
+run it.
 
 This module imports only torch, safetensors and transformers; tests also import its timing
 functions for in-process use.

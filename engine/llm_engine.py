@@ -9,9 +9,9 @@ Two ways to drive one engine, over one API (`add_request`, `abort`, `step`):
 
 `step()` has nano-vllm's shape: the scheduler picks the batch, the runner runs it (and alone
 chooses how: `engine.runner.choose_path`), the scheduler post-processes. The closed loop adds only
-arrivals and waiting around `step()`. Every step is timed with the wall clock (the sampler's `.tolist()` waits for the
-device, so CUDA work is done before the clock is read). The engine knows nothing of text or of the
-page that draws its records.
+arrivals and waiting around `step()`. Every step is timed with the wall clock (the sampler's
+`.tolist()` waits for the device, so CUDA work is done before the clock is read). The engine knows
+nothing of text or of the page that draws its records.
 """
 from __future__ import annotations
 

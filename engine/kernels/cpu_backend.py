@@ -49,7 +49,7 @@ class HugePageArena:
         return -(-n // ALIGN) * ALIGN
 
     def empty(self, rows: int, cols: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
-        """An uninitialised (rows, cols) tensor; with `transposed`, stored (cols, rows) in memory."""
+        """An uninitialised (rows, cols) tensor; with `transposed`, stored (cols, rows)."""
         stored = (cols, rows) if transposed else (rows, cols)
         n = self.size_of(stored, dtype)
         if self._used + n > self._bytes.numel():

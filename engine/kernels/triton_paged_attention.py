@@ -1,4 +1,4 @@
-"""Paged decode attention in Triton: the kernel CUDA steps attend with (`engine.runner.choose_path`).
+"""Paged decode attention in Triton: the kernel CUDA steps attend with (`runner.choose_path`).
 
 Same contract as `paged_decode_attention_ref` (the oracle, and the CPU's kernel). Design, for a GPU
 where decode attention is bound by how fast K/V stream out of memory:
