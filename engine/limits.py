@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError, EngineConfig, ModelConfig, preset
+from engine.block_manager import blocks_for
+from engine.config import ConfigError, EngineConfig, ModelConfig, element_bytes, preset
 from engine.workload import MAX_WORKLOAD_TOKENS, WorkloadSpec, longest_prompt
 
 # Sequences in one batch. Past the KV cache's capacity extra slots stay empty, but CUDA graphs are
@@ -73,7 +74,7 @@ def check_run_sizes(cfg: EngineConfig, spec: WorkloadSpec, model_cfg: ModelConfi
     if cfg.kv_budget_bytes is not None:
         block_bytes = model_cfg.kv_bytes_per_token(bytes_per_elem) * cfg.block_size
         fewest = 2 if spec.mix == "lognormal" else shortest  # tokens of the smallest request
-        need = -(-fewest // cfg.block_size) * block_bytes
+        need = blocks_for(fewest, cfg.block_size) * block_bytes
         if cfg.kv_budget_bytes < block_bytes:
             raise ConfigError(f"--kv-budget-mb {cfg.kv_budget_bytes / 2**20:g} holds no block of "
                               f"{block_bytes} bytes; raise the budget or lower the page size")
@@ -92,7 +93,8 @@ def check_cli_run(cfg: EngineConfig, spec: WorkloadSpec) -> None:
     preset or config.json; on the CPU the budget also checked against free memory."""
     model_cfg = read_model_config(cfg.model, cfg.model_config)
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available())
-    check_run_sizes(cfg, spec, model_cfg, bytes_per_elem=4 if on_cpu else 2,
+    device_type = "cpu" if on_cpu else "cuda"
+    check_run_sizes(cfg, spec, model_cfg, bytes_per_elem=element_bytes(device_type),
                     free_bytes=available_memory_bytes() if on_cpu else None)
 
 

@@ -26,11 +26,15 @@ HUGE_PAGE = 2 << 20
 ALIGN = 64  # a cache line: every tensor starts on one
 
 
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class HugePageArena:
     """One anonymous mapping, advised for huge pages, handed out as tensors front to back."""
 
     def __init__(self, nbytes: int) -> None:
-        size = max(HUGE_PAGE, -(-nbytes // HUGE_PAGE) * HUGE_PAGE)
+        size = max(HUGE_PAGE, round_up(nbytes, HUGE_PAGE))
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
         if advice is not None:
@@ -46,7 +50,7 @@ class HugePageArena:
     def size_of(shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes one tensor takes in the arena, alignment included."""
         n = torch.Size(shape).numel() * dtype.itemsize
-        return -(-n // ALIGN) * ALIGN
+        return round_up(n, ALIGN)
 
     def empty(self, rows: int, cols: int, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
         """An uninitialised (rows, cols) tensor; with `transposed`, stored (cols, rows)."""
