@@ -27,6 +27,7 @@ ALIGN = 64  # a cache line: every tensor starts on one
 
 
 def round_up(n: int, multiple: int) -> int:
+    """`n` rounded up to a whole number of `multiple`s."""
     return -(-n // multiple) * multiple
 
 
