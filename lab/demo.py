@@ -173,20 +173,21 @@ class DemoController:
 
     # -- each tick, on the session's loop ------------------------------------------------------
     def tick(self) -> None:
-        """Apply what arrived since the last tick: one update of the run state."""
-        if self._inbox:
-            with recount_models_once():
-                self._apply_inbox()
+        """Apply what arrived since the last tick: one update of the run state.
 
-    def _apply_inbox(self) -> None:
+        Streamed steps only extend sources, which Bokeh sends without recounting the document's
+        models; a finished run, a cleared plot or a sweep result redraws panes, so that work
+        runs under one recount (`recount_models_once`)."""
         steps: list[StepRecord] = []
         position = None
         finished = None
+        background: list[tuple[RunKey, dict]] = []
         while self._inbox:
             generation, key, event = self._inbox.popleft()
             kind = event["event"]
             if generation == BACKGROUND:
-                self._background_event(key, event)
+                if kind in ("done", "error", "cancelled") and key is not None:
+                    background.append((key, event))
             elif generation != self._generation:
                 continue  # a run this session has moved on from
             elif kind == "queued":
@@ -194,10 +195,20 @@ class DemoController:
             elif kind == "step":
                 steps.append(StepRecord.from_json(event["step"]))
             else:
-                finished = (key, Outcome.from_event(event))
-                if finished[1].cancelled:
-                    finished = None  # superseded by the server: the newer run answers
-        if (steps or position) and not self._cleared:
+                outcome = Outcome.from_event(event)
+                if not outcome.cancelled:  # else superseded by the server: the newer run answers
+                    finished = (key, outcome)
+        clear = bool(steps or position) and not self._cleared
+        if clear or finished is not None or background:
+            with recount_models_once():
+                self._apply(steps, position, finished, background, clear)
+        elif steps or position:
+            self._apply(steps, position, None, [], False)
+
+    def _apply(self, steps, position, finished, background, clear) -> None:
+        for key, event in background:
+            self._background_event(key, event)
+        if clear:
             self._clear_for_run(self._pending)
         if position:
             self.run.param.update(status="queued", queue_position=position)
@@ -207,9 +218,7 @@ class DemoController:
         if finished is not None:
             self._finish(*finished)
 
-    def _background_event(self, key: RunKey | None, event: dict) -> None:
-        if event["event"] not in ("done", "error", "cancelled") or key is None:
-            return
+    def _background_event(self, key: RunKey, event: dict) -> None:
         outcome = Outcome.from_event(event)
         if outcome.trace is not None:
             self.traces.put(key, outcome.trace)

@@ -42,7 +42,7 @@ def build_page(client: EngineClient, limits: Limits, traces: TraceCache | None =
         demo.link_notice.show("This link's settings were adjusted: " + "; ".join(notes) + ".")
     if served():
         pn.state.on_session_destroyed(lambda _ctx: demo.close())
-        pn.state.onload(demo.start)
+        demo.start()  # at build: a setting this process holds ships drawn with the page
         keep_url_in_sync(state)
     bar = attach_classroom(demo, content, query)  # None unless instructor mode is on
     if embed:

@@ -54,8 +54,10 @@ class Ticker:
         self.period_ms = period_ms
         self._functions: list[Callable[[], None]] = []
         self._callback = None
+        self._doc = None
         if served():
-            self._callback = pn.state.add_periodic_callback(self.tick, period=period_ms)
+            self._doc = pn.state.curdoc
+            self._callback = self._doc.add_periodic_callback(self.tick, period_ms)
 
     def every(self, fn: Callable[[], None]) -> None:
         self._functions.append(fn)
@@ -68,6 +70,9 @@ class Ticker:
                 log.exception("tick function %s failed", getattr(fn, "__qualname__", fn))
 
     def stop(self) -> None:
-        if self._callback is not None:
-            self._callback.stop()
-            self._callback = None
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            try:
+                self._doc.remove_periodic_callback(callback)
+            except ValueError:  # the session already dropped its callbacks
+                pass

@@ -8,6 +8,7 @@ record (the timeline, the page map and the storyboard are drawn from them). So:
                       "runs": [{"engine": {...}, "workload": {...}, "repeat": 0}, ...]}
                      answered with newline-delimited JSON, one event per line:
                        {"event": "queued", "run": i, "position": n}   pushed when n changes
+                                                                      (foreground runs only)
                        {"event": "step", "run": i, "step": {...}}      foreground runs only
                        {"event": "done", "run": i, "trace": {...}, "cached": bool}
                        {"event": "error", "run": i, "message": str}
@@ -123,7 +124,7 @@ class RunsHandler(LabHandler):
                                                    max_run_s=max_run_s),
                 on_done=partial(self._done, send, i),
                 on_step=None if background else partial(self._step, send, i),
-                on_position=partial(self._position, send, i),
+                on_position=None if background else partial(self._position, send, i),
                 background=background, tag=self.tag)
         ended = 0
         try:
