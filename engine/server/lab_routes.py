@@ -34,6 +34,8 @@ from engine.config import ConfigError
 from engine.device_probe import probe
 from engine.llm_engine import describe_device
 from engine.records import StepRecord
+from engine.server import classroom_hub
+from engine.server.classroom import ClassroomHub
 from engine.server.measured_runs import ModelShelf, RunSpec, execute
 from engine.server.run_queue import Outcome, RunQueue
 
@@ -51,6 +53,7 @@ class LabRuns:
         self.kv_cap_bytes = kv_cap_bytes or int(float(env.get("LAB_KV_BUDGET_MB", 256)) * 2**20)
         self.max_run_s = max_run_s or float(env.get("LAB_MAX_RUN_S", 20.0))
         self.probe = probe(self.shelf.device.type)  # measured now, before any run competes
+        self.hub = ClassroomHub.from_env()  # the class every page process of the lab shares
 
     def info(self) -> dict:
         p = self.probe
@@ -172,5 +175,7 @@ class RunsHandler(LabHandler):
 
 
 def routes(lab: LabRuns) -> list[tuple]:
+    """/lab/info, /lab/runs and the classroom hub's /lab/classroom/... routes."""
     return [(r"/lab/info", InfoHandler, {"lab": lab}),
-            (r"/lab/runs", RunsHandler, {"lab": lab})]
+            (r"/lab/runs", RunsHandler, {"lab": lab}),
+            *classroom_hub.routes(lab.hub)]
