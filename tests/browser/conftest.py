@@ -66,24 +66,36 @@ def lab_url():
 
 
 @contextlib.contextmanager
-def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None):
-    """Serve lab/app.py on a free port, with an engine server of its own measuring on the CPU
-    (as `python -m lab` does); yields the app's URL and stops both."""
+def engine_server(env: dict[str, str] | None = None):
+    """`python -m engine serve` measuring on the CPU, as `python -m lab` starts it; yields its URL."""
     from lab.engine_client import EngineClient
     from lab.engine_process import start_engine, stop_engine
 
     env = {**os.environ, "LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", **(env or {})}
     ARTIFACTS.mkdir(exist_ok=True)
     log = open(ARTIFACTS / f"engine-{free_port()}.log", "w")
-    engine, engine_url = start_engine(env=env, stdout=log, stderr=subprocess.STDOUT)
+    engine, url = start_engine(env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        EngineClient(engine_url).wait_ready(timeout_s=120)
-        port = free_port()
-        proc = serve("lab/app.py", port, env={**env, "LAB_ENGINE_URL": engine_url},
-                     extra=extra or ["--liveness"])
-    except BaseException:
+        EngineClient(url).wait_ready(timeout_s=120)
+        yield url
+    finally:
         stop_engine(engine)
-        raise
+
+
+@contextlib.contextmanager
+def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None,
+               engine_url: str | None = None):
+    """Serve lab/app.py on a free port, with an engine server of its own measuring on the CPU
+    (as `python -m lab` does) unless `engine_url` names one; yields the app's URL."""
+    if engine_url is None:
+        with engine_server(env) as url:
+            with lab_server(env, extra, url) as app:
+                yield app
+        return
+    env = {**os.environ, "LAB_DEVICE": "cpu", "LAB_MAX_RUN_S": "30", **(env or {}),
+           "LAB_ENGINE_URL": engine_url}
+    port = free_port()
+    proc = serve("lab/app.py", port, env=env, extra=extra or ["--liveness"])
     try:
         # One request first, so the server's one-time work (imports, content, the first page
         # build) is not charged to whichever test happens to run first.
@@ -95,7 +107,6 @@ def lab_server(env: dict[str, str] | None = None, extra: list[str] | None = None
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-        stop_engine(engine)
 
 
 def slider(scope, label: str):

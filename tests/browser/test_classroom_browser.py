@@ -1,5 +1,6 @@
-"""Instructor mode in real browsers: an instructor and a student in separate contexts on one
-server started with LAB_INSTRUCTOR_TOKEN. Broadcast moves the student's sliders; a poll collects
+"""Instructor mode in real browsers: an instructor and a student in separate contexts, each page
+served by a different page process (two `panel serve`s sharing one engine server, as behind the
+proxy of docs/classroom.md), with LAB_INSTRUCTOR_TOKEN set. Broadcast moves the student's sliders; a poll collects
 the student's committed prediction into the instructor's histogram; the reveal reaches the student;
 a wrong token shows the student view and says nothing about why."""
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.browser.conftest import lab_server
+from tests.browser.conftest import engine_server, lab_server
 
 pytestmark = pytest.mark.browser
 TOKEN = "t-" + secrets.token_urlsafe(16)
@@ -18,9 +19,13 @@ CHEAP = "batch=1&requests=1&context=16&page=16&output=2"  # each run takes well 
 
 
 @pytest.fixture(scope="module")
-def class_url(lab_url):  # lab_url: chromium is present and the artifacts folder exists
-    with lab_server(env={"LAB_INSTRUCTOR_TOKEN": TOKEN}) as url:
-        yield url
+def class_urls(lab_url):  # lab_url: chromium is present and the artifacts folder exists
+    """(the instructor's page server, the students' page server): two processes, one class."""
+    env = {"LAB_INSTRUCTOR_TOKEN": TOKEN}
+    with engine_server(env) as engine:
+        with lab_server(env, engine_url=engine) as first, \
+                lab_server(env, engine_url=engine) as second:
+            yield first, second
 
 
 def open_page(browser: Browser, url: str) -> tuple[Page, list[str]]:
@@ -50,9 +55,10 @@ def press_until(page: Page, button: str, message: str, timeout_s: float = 90) ->
                 raise
 
 
-def test_broadcast_poll_and_reveal_reach_the_student(browser: Browser, class_url: str):
-    student, student_errors = open_page(browser, f"{class_url}?{CHEAP}")
-    teacher, teacher_errors = open_page(browser, f"{class_url}?instructor={TOKEN}&{CHEAP}")
+def test_broadcast_poll_and_reveal_reach_the_student(browser: Browser, class_urls):
+    teacher_url, student_url = class_urls  # different page processes
+    student, student_errors = open_page(browser, f"{student_url}?{CHEAP}")
+    teacher, teacher_errors = open_page(browser, f"{teacher_url}?instructor={TOKEN}&{CHEAP}")
     expect(teacher.locator(".presenter-bar")).to_be_visible()
     expect(student.locator(".student-bar")).to_be_visible()  # the instructor's arrival shows it
     assert TOKEN not in teacher.url  # hidden from the address bar a projector shows
@@ -83,8 +89,8 @@ def test_broadcast_poll_and_reveal_reach_the_student(browser: Browser, class_url
     assert student_errors == [] and teacher_errors == []
 
 
-def test_a_wrong_token_gets_the_student_view_without_a_reason(browser: Browser, class_url: str):
-    page, errors = open_page(browser, f"{class_url}?instructor=not-the-token&{CHEAP}")
+def test_a_wrong_token_gets_the_student_view_without_a_reason(browser: Browser, class_urls):
+    page, errors = open_page(browser, f"{class_urls[1]}?instructor=not-the-token&{CHEAP}")
     assert page.locator(".presenter-bar").count() == 0
     assert page.locator(".student-bar").count() == 1
     for notice in page.locator(".notice").all():  # the text lives in the shadow root
