@@ -1,7 +1,8 @@
 """Assemble one session's page: the reading sections, then the live demo.
 
 `build_page` is called once per browser session by lab/app.py; it creates the session's LabState and
-DemoController, wires clean-up to the session's end, and starts the first run once the page loads.
+DemoController, wires clean-up to the session's end, and asks for the first run as the page is
+built.
 `?embed=demo` gives the demo alone, compact, for an iframe.
 """
 from __future__ import annotations
@@ -40,10 +41,6 @@ def build_page(client: EngineClient, limits: Limits, traces: TraceCache | None =
     demo = DemoController(state, client, limits, traces)
     if notes:
         demo.link_notice.show("This link's settings were adjusted: " + "; ".join(notes) + ".")
-    if served():
-        pn.state.on_session_destroyed(lambda _ctx: demo.close())
-        demo.start()  # at build: a setting this process holds ships drawn with the page
-        keep_url_in_sync(state)
     bar = attach_classroom(demo, content, query)  # None unless instructor mode is on
     if embed:
         body = [demo_section(demo, content, compact=True)]
@@ -68,6 +65,12 @@ def build_page(client: EngineClient, limits: Limits, traces: TraceCache | None =
     if embed:
         template.config.raw_css.append(EMBED_CSS)
     template.demo = demo  # tests and later panels reach the session's controller here
+    if served():
+        pn.state.on_session_destroyed(lambda _ctx: demo.close())
+        # Now, not once the browser has drawn the page: every listener (the gate, the storyboard)
+        # is attached, and a setting this process already holds ships drawn with the page.
+        demo.start()
+        keep_url_in_sync(state)
     return template
 
 
