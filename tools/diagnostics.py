@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -135,6 +136,8 @@ def snapshot(server=None, deep: bool = False, pauses: GcPauses | None = None) ->
         "engine_queue": engine_queue(),
         "classroom": classroom(),
         "gc": pauses.stats() if pauses else None,
+        # The page process measures nothing: the engine server owns torch and the device.
+        "torch_loaded": "torch" in sys.modules,
     }
     if deep:
         out.update(heap_counts())
