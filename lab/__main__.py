@@ -1,11 +1,16 @@
-"""`python -m lab [panel serve flags]`: the whole lab with one command.
+"""`python -m lab [--page-servers N] [panel serve flags]`: the whole lab with one command.
 
 Starts the engine server (`python -m engine serve`, which measures every run) unless
-LAB_ENGINE_URL already names one, then `panel serve lab/app.py` with the given flags (for a class,
-`--num-procs N`: every page process shares the one engine server). Stops both on Ctrl-C.
+LAB_ENGINE_URL already names one, then `panel serve lab/app.py` with the given flags. For a class,
+`--page-servers N` starts N page servers on N consecutive ports from `--port`, all sharing the one
+engine server, to put behind a proxy that keeps each browser on one of them (docs/classroom.md).
+Panel's own `--num-procs` is refused: its processes share one port with no such stickiness, so a
+page's websocket can reach a process that did not build it, which then builds the page again (and
+takes its stylesheets from a CDN). Stops everything on Ctrl-C.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -15,6 +20,16 @@ from lab.engine_process import ROOT, start_engine, stop_engine
 
 
 def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--page-servers", type=int, default=1, metavar="N",
+                    help="page servers on consecutive ports, sharing the engine server")
+    ap.add_argument("--port", type=int, default=5006, help="the first page server's port")
+    args, panel_flags = ap.parse_known_args(argv)
+    if any(flag.startswith("--num-procs") for flag in panel_flags):
+        ap.error("--num-procs is not sticky for Panel pages; use --page-servers N behind a "
+                 "proxy (docs/classroom.md)")
+    if args.page_servers < 1:
+        ap.error("--page-servers must be at least 1")
     engine = None
     if not os.environ.get("LAB_ENGINE_URL"):
         engine, url = start_engine(port=int(os.environ.get("LAB_ENGINE_PORT", "0")) or None)
@@ -28,14 +43,20 @@ def main(argv: list[str]) -> int:
         return 2
     print(f"lab: engine server at {os.environ['LAB_ENGINE_URL']} measures on {info.device}",
           file=sys.stderr, flush=True)
-    panel = subprocess.Popen([sys.executable, "-m", "panel", "serve", str(ROOT / "lab" / "app.py"),
-                              *argv], cwd=ROOT)
+    pages = [subprocess.Popen([sys.executable, "-m", "panel", "serve",
+                               str(ROOT / "lab" / "app.py"), "--port", str(args.port + i),
+                               *panel_flags], cwd=ROOT)
+             for i in range(args.page_servers)]
     try:
-        return panel.wait()
+        return max(page.wait() for page in pages)
     except KeyboardInterrupt:
-        panel.terminate()
-        return panel.wait()
+        for page in pages:
+            page.terminate()
+        return max(page.wait() for page in pages)
     finally:
+        for page in pages:
+            if page.poll() is None:
+                page.terminate()
         if engine is not None:
             stop_engine(engine)
 
