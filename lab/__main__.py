@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ from lab.engine_process import ROOT, start_engine, stop_engine
 
 
 def main(argv: list[str]) -> int:
+    # SIGTERM (a service manager, a test) must stop the children too: turn it into an exit that
+    # runs the clean-up below, which the default handler would skip.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     ap = argparse.ArgumentParser(prog="python -m lab", description=__doc__.split("\n\n")[0])
     ap.add_argument("--page-servers", type=int, default=1, metavar="N",
                     help="page servers on consecutive ports, sharing the engine server")

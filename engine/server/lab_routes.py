@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
+from collections import deque
 from functools import partial
 
 import tornado.web
@@ -40,6 +42,10 @@ from engine.server.measured_runs import ModelShelf, RunSpec, execute
 from engine.server.run_queue import Outcome, RunQueue
 
 KEEPALIVE_S = 15.0  # an empty line this often keeps a long wait from looking like a dead peer
+# Steps are written in batches, this often. The engine's worker thread shares this process's
+# interpreter with the event loop; waking the loop for every step (a few ms each on a small model)
+# made the loop contend with the run it reports (tools/fidelity.py: docs/benchmarks.md).
+STEP_BATCH_S = 0.25
 
 
 class LabRuns:
@@ -93,6 +99,7 @@ class RunsHandler(LabHandler):
     def initialize(self, lab: LabRuns) -> None:
         super().initialize(lab)
         self.events: asyncio.Queue = asyncio.Queue()
+        self.steps: deque[tuple[int, StepRecord]] = deque()  # appended by the worker thread
         self.tag = object()  # names this stream's listeners in the queue
         self.closed = False
 
@@ -126,24 +133,30 @@ class RunsHandler(LabHandler):
                 session, spec.cache_key(), partial(execute, spec, self.lab.shelf,
                                                    max_run_s=max_run_s),
                 on_done=partial(self._done, send, i),
-                on_step=None if background else partial(self._step, send, i),
+                on_step=None if background else partial(self._step, i),
                 on_position=None if background else partial(self._position, send, i),
                 background=background, tag=self.tag)
-        ended = 0
+        ended, last_write = 0, time.monotonic()
         try:
             while ended < len(specs):
                 try:
-                    event = await asyncio.wait_for(self.events.get(), KEEPALIVE_S)
+                    event = await asyncio.wait_for(
+                        self.events.get(), KEEPALIVE_S if background else STEP_BATCH_S)
                 except asyncio.TimeoutError:
-                    self.write("\n")
-                    await self.flush()
-                    continue
-                if event["event"] == "closed":
+                    event = None
+                if event is not None and event["event"] == "closed":
                     return
-                if event["event"] in ("done", "error", "cancelled"):
-                    ended += 1
-                self.write(json.dumps(event) + "\n")
-                if self.events.empty():  # steps come in bursts: one write for each burst
+                wrote = self._write_steps()  # a run's steps all go before its end
+                if event is not None:
+                    if event["event"] in ("done", "error", "cancelled"):
+                        ended += 1
+                    self.write(json.dumps(event) + "\n")
+                    wrote = True
+                if not wrote and time.monotonic() - last_write > KEEPALIVE_S:
+                    self.write("\n")
+                    wrote = True
+                if wrote:
+                    last_write = time.monotonic()
                     await self.flush()
             self.finish()
         except StreamClosedError:
@@ -151,9 +164,17 @@ class RunsHandler(LabHandler):
         finally:
             self.lab.queue.detach(self.tag)
 
-    @staticmethod
-    def _step(send, i: int, step: StepRecord) -> None:
-        send({"event": "step", "run": i, "step": step.to_json()})
+    def _step(self, i: int, step: StepRecord) -> None:
+        self.steps.append((i, step))  # on the worker thread: no wake-up, no encoding
+
+    def _write_steps(self) -> bool:
+        lines = []
+        while self.steps:
+            i, step = self.steps.popleft()
+            lines.append(json.dumps({"event": "step", "run": i, "step": step.to_json()}))
+        if lines:
+            self.write("\n".join(lines) + "\n")
+        return bool(lines)
 
     @staticmethod
     def _position(send, i: int, position: int) -> None:
