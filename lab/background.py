@@ -41,7 +41,7 @@ class BackgroundRuns:
         self.demo._background_done.clear()
         self._start_policy_comparison(key)
         for r in range(REPEATS):
-            self._submit(key.with_(repeat=r), lambda *_: None)
+            self._submit(key.replace(repeat=r), lambda *_: None)
         self._start_tpot_sweep(key)
         self._start_rate_sweep(key)
         self.demo.send_background()
@@ -76,7 +76,7 @@ class BackgroundRuns:
     # -- the other policy ----------------------------------------------------------------------
     def _start_policy_comparison(self, key: RunKey) -> None:
         demo = self.demo
-        other = other_policy_key(key).with_(repeat=0)
+        other = other_policy_key(key).replace(repeat=0)
         # Every request at once, in one batch, with room for all at full length: both policies
         # schedule the very same steps.
         cfg, elem = preset(key.model), demo.engine.bytes_per_elem
@@ -93,7 +93,7 @@ class BackgroundRuns:
                 demo.policy.show(other.policy, cached, demo.state.slo())
 
     def _policy_done(self, key: RunKey, outcome: Outcome) -> None:
-        if self._is_current(outcome, lambda shown: other_policy_key(shown).with_(repeat=0), key):
+        if self._is_current(outcome, lambda shown: other_policy_key(shown).replace(repeat=0), key):
             self.demo.policy.show(key.policy, outcome.trace, self.demo.state.slo())
 
     # -- TPOT against batch --------------------------------------------------------------------

@@ -101,7 +101,7 @@ class DemoController:
         """Measure the current setting once more (a new measurement, not the cached one)."""
         base = self.state.key()
         self.repeat = next(r for r in range(1, 10**6)
-                           if self.traces.get(base.with_(repeat=r)) is None)
+                           if self.traces.get(base.replace(repeat=r)) is None)
         with recount_models_once():
             self.submit()
 
@@ -109,7 +109,7 @@ class DemoController:
         """Every measurement of `key`'s setting this page process has (any repeat index)."""
         found = []
         for r in range(10**6):
-            trace = self.traces.get(key.with_(repeat=r))
+            trace = self.traces.get(key.replace(repeat=r))
             if trace is None and r >= REPEATS:
                 break
             if trace is not None:
@@ -251,8 +251,8 @@ class DemoController:
         self.traces.put(key, outcome.trace)
         self.trace = outcome.trace
         workload_changed = (self.shown_key is None or
-                            self.shown_key.with_(policy="continuous", repeat=0)
-                            != key.with_(policy="continuous", repeat=0))
+                            self.shown_key.replace(policy="continuous", repeat=0)
+                            != key.replace(policy="continuous", repeat=0))
         self.shown_key = key
         if workload_changed:
             self.policy.reset()

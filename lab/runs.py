@@ -83,7 +83,7 @@ class RunKey:
             text += f", {self.policy} batching"
         return text
 
-    def with_(self, **changes) -> "RunKey":
+    def replace(self, **changes) -> "RunKey":
         return replace(self, **changes)
 
     def to_json(self) -> dict:
@@ -231,12 +231,12 @@ def sweep_key(key: RunKey, batch: int) -> RunKey:
 
 def rate_key(key: RunKey, rate: float) -> RunKey:
     """The goodput sweep's run at one arrival rate: the current workload otherwise unchanged."""
-    return key.with_(rate=rate, repeat=0)
+    return key.replace(rate=rate, repeat=0)
 
 
 def other_policy_key(key: RunKey) -> RunKey:
     """The same requests under the other batching policy."""
-    return key.with_(policy="static" if key.policy == "continuous" else "continuous")
+    return key.replace(policy="static" if key.policy == "continuous" else "continuous")
 
 
 def ridge_batch(key: RunKey, cfg: ModelConfig, probe: analytic.DeviceProbe,

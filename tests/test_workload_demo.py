@@ -33,7 +33,7 @@ PER_TOKEN = CFG.kv_bytes_per_token(4)  # fp32 on the CPU
 def test_a_key_without_requests_serves_one_per_batch_slot_and_same_requests_for_both_policies():
     key = RunKey("cpu-8m", 4, 32, 16, 8)
     assert key.requests == 4 and key.workload().num_requests == 4
-    mixed = key.with_(requests=20, rate=5.0, mix="mixed")
+    mixed = key.replace(requests=20, rate=5.0, mix="mixed")
     assert mixed.workload().mix == "lognormal" and mixed.workload().rate == 5.0
     assert other_policy_key(mixed).workload() == mixed.workload()  # identical request list
     assert other_policy_key(other_policy_key(mixed)) == mixed
@@ -43,7 +43,7 @@ def test_kv_memory_is_the_slider_and_the_server_cap_still_applies():
     key = RunKey("cpu-8m", 4, 32, 16, 8, kv_mb=2)
     assert kv_capacity_bytes(key, CFG, 4) == 2 * 2**20
     assert num_blocks(key, CFG, 4) == 2 * 2**20 // (16 * PER_TOKEN)
-    why = check_run(key.with_(kv_mb=300), Limits(kv_budget_bytes=256 * 2**20), TEST_ENGINE)
+    why = check_run(key.replace(kv_mb=300), Limits(kv_budget_bytes=256 * 2**20), TEST_ENGINE)
     assert why is not None and "cap of 256 MB" in why
 
 
@@ -106,10 +106,10 @@ def test_two_floors_cross_at_the_ridge():
 def test_sweep_points_are_the_current_workload_shape():
     key = RunKey("cpu-8m", 8, 128, 16, 64)  # 8 requests at once, fixed: the sweep's own shape
     assert sweep_key(key, 8) == key  # the highlighted point is this very run
-    s = sweep_key(key.with_(requests=40, rate=4.0, mix="mixed", kv_mb=3), 16)
+    s = sweep_key(key.replace(requests=40, rate=4.0, mix="mixed", kv_mb=3), 16)
     assert (s.batch, s.requests, s.rate, s.mix, s.kv_mb, s.output) == (16, 16, 0.0, "fixed",
                                                                         None, 64)
-    r = rate_key(key.with_(requests=40, repeat=2), 4.0)
+    r = rate_key(key.replace(requests=40, repeat=2), 4.0)
     assert (r.rate, r.requests, r.repeat) == (4.0, 40, 0)
 
 
@@ -265,6 +265,6 @@ def test_one_batch_of_requests_with_room_is_not_run_twice(engine):
         assert settle_all(demo, lab)
         assert set(demo.policy.traces) == {"continuous"}
         assert "schedule the very same steps" in demo.policy.text
-        assert demo.traces.get(state.key().with_(policy="static")) is None
+        assert demo.traces.get(state.key().replace(policy="static")) is None
     finally:
         demo.close()
