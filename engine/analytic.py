@@ -72,3 +72,14 @@ class DeviceProbe:
     @property
     def flops_per_s(self) -> float:
         return self.matmul_tflops * 1e12
+
+
+@dataclass(frozen=True)
+class RunningBounds:
+    """How many sequences may run at once in this run, by each limit."""
+
+    batch_cap: int  # max_num_seqs (and no more than the requests)
+    at_full_length: int  # floor(KV blocks / blocks a sequence holds when done), uncapped
+    on_prompt: int  # floor(KV blocks / blocks its prompt needs): the admission limit, uncapped
+    num_blocks: int
+    blocks_full: float  # blocks per sequence at full length (the mean, for mixed lengths)

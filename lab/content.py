@@ -17,13 +17,15 @@ from typing import Any
 
 import yaml
 
+from lab.state import LabState
+
 CONTENT_DIR = Path(__file__).resolve().parents[1] / "content"
 PLOT_IDS = ("latency", "timeline", "kv_memory", "page_map", "queue", "policy", "tpot_batch",
             "goodput_rate")
-# The run-shaping controls a prediction question may ask about (all of LabState's but the model;
-# tests/test_content.py checks the two lists agree).
-CONTROLS = ("batch", "context", "page", "output", "requests", "rate", "mix", "kv_mb", "policy",
-            "chunk")
+# The run-shaping controls a prediction question may ask about: LabState's, but the model.
+CONTROLS = tuple(name for name in LabState.RUN_CONTROLS if name != "model")
+# What a preset sets: every control but the model.
+PRESET_CONTROLS = tuple(name for name in LabState.CONTROLS if name != "model")
 DIRECTIONS = ("up_lot", "up_little", "flat", "down")
 PROMPT_FIELDS = ("object_kind", "object_label", "object_key", "question", "next_action",
                  "demo_state")
@@ -46,8 +48,7 @@ SCHEMAS: dict[str, Any] = {
                    "symbols": [{"symbol": None, "meaning": None, "code_name": None}]}],
     "presets.yaml": {"default": None, "presets": [{
         "id": None, "label": None, "description": None,
-        "values": dict.fromkeys(("batch", "context", "page", "output", "ttft_slo", "tpot_slo",
-                                  "requests", "rate", "mix", "kv_mb", "policy", "chunk"))}]},
+        "values": dict.fromkeys(PRESET_CONTROLS)}]},
     "predictions.yaml": {
         "thresholds": {"flat_below": None, "little_below": None, "description": None},
         "controls": [{"control": None, "question": None, "metric": None, "metric_label": None,

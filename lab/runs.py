@@ -15,11 +15,11 @@ import statistics
 from dataclasses import asdict, dataclass, replace
 
 from engine import analytic
+from engine.analytic import RunningBounds
 from engine.block_manager import blocks_for
 from engine.config import POLICIES, ConfigError, ModelConfig, preset
 from engine.workload import WorkloadSpec, draw_shape
 from lab.engine_client import EngineInfo
-from widgets.queue_plot import RunningBounds
 
 
 @dataclass(frozen=True)

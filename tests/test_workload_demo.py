@@ -77,7 +77,7 @@ def test_memory_bounds_follow_the_formula():
 
 
 def test_bound_text_agrees_or_explains():
-    from widgets.queue_plot import RunningBounds
+    from engine.analytic import RunningBounds
 
     def S(peak):  # noqa: N802 - peak running, peak waiting, evictions
         return peak, 3, 2

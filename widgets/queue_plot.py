@@ -8,12 +8,12 @@ The text puts the measured peak beside those bounds and says why they may differ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import panel as pn
 from bokeh.models import ColumnDataSource, DataRange1d, Span
 
+from engine.analytic import RunningBounds
 from engine.config import SLO
 from engine.metrics import Summary
 from engine.records import StepRecord, Trace
@@ -23,17 +23,6 @@ from widgets.style import (DECODE, MISSED, NEUTRAL, PREFILL, TARGET, RunInfo, ad
 
 COLUMNS = ("step", "running", "waiting")
 EVICT_COLUMNS = ("step", "running", "evicted")
-
-
-@dataclass(frozen=True)
-class RunningBounds:
-    """How many sequences may run at once in this run, by each limit."""
-
-    batch_cap: int  # max_num_seqs (and no more than the requests)
-    at_full_length: int  # floor(KV blocks / blocks a sequence holds when done), uncapped
-    on_prompt: int  # floor(KV blocks / blocks its prompt needs): the admission limit, uncapped
-    num_blocks: int
-    blocks_full: float  # blocks per sequence at full length (the mean, for mixed lengths)
 
 
 class QueuePlot(PlotComponent):
