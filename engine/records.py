@@ -136,3 +136,29 @@ class Trace:
         return cls(**{**d, "requests": [RequestRecord.from_json(r) for r in d["requests"]],
                       "steps": [StepRecord.from_json(s) for s in d["steps"]],
                       "peak_snapshot": PageSnapshot.from_json(snapshot) if snapshot else None})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a measured run ended for whoever asked: a trace, or a message saying why there is none.
+    `to_event` and `from_event` are its form on the wire (POST /lab/runs, docs/server.md)."""
+
+    trace: Trace | None = None
+    error: str | None = None
+    cancelled: bool = False
+    cached: bool = False  # answered from the cache, not measured for this request
+
+    def to_event(self, run: int) -> dict[str, Any]:
+        if self.cancelled:
+            return {"event": "cancelled", "run": run}
+        if self.error is not None:
+            return {"event": "error", "run": run, "message": self.error}
+        return {"event": "done", "run": run, "trace": self.trace.to_json(), "cached": self.cached}
+
+    @classmethod
+    def from_event(cls, event: dict[str, Any]) -> "Outcome":
+        if event["event"] == "done":
+            return cls(trace=Trace.from_json(event["trace"]), cached=bool(event.get("cached")))
+        if event["event"] == "error":
+            return cls(error=event["message"])
+        return cls(cancelled=True)

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 from engine.config import preset
 from engine.metrics import summarize
-from engine.records import Trace
-from lab.engine_client import Outcome
+from engine.records import Outcome, Trace
 from lab.runs import (SWEEP_BATCHES, SWEEP_RATES, RunKey, check_run, floors_ms, kv_capacity_bytes,
                       kv_need_bytes, other_policy_key, rate_key, ridge_batch, sweep_key)
 

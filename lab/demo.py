@@ -16,10 +16,9 @@ from functools import partial
 
 from engine.config import preset
 from engine.metrics import summarize
-from engine.records import StepRecord, Trace
+from engine.records import Outcome, StepRecord, Trace
 from lab.background import REPEATS, BackgroundRuns
-from lab.engine_client import (EngineClient, EngineInfo, EngineUnavailable, Outcome, RunStream,
-                               TraceCache)
+from lab.engine_client import EngineClient, EngineInfo, EngineUnavailable, RunStream, TraceCache
 from lab.runs import Limits, RunKey, check_run, kv_capacity_bytes, run_spec, running_bounds
 from lab.state import LabState
 from lab.ticker import Ticker, recount_models_once

@@ -62,24 +62,6 @@ class EngineInfo:
         return 2 if self.device_type == "cuda" else 4
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended for this page: a trace, or a message saying why there is none."""
-
-    trace: Trace | None = None
-    error: str | None = None
-    cancelled: bool = False
-    cached: bool = False
-
-    @classmethod
-    def from_event(cls, event: dict) -> "Outcome":
-        if event["event"] == "done":
-            return cls(trace=Trace.from_json(event["trace"]), cached=bool(event.get("cached")))
-        if event["event"] == "error":
-            return cls(error=event["message"])
-        return cls(cancelled=True)
-
-
 class RunStream:
     """One POST /lab/runs in flight, read on its own daemon thread."""
 

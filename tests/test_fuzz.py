@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.config import PRESETS
-from engine.records import Trace
+from engine.records import Outcome, Trace
 from engine.server.measured_runs import ModelShelf, RunSpec, execute
-from engine.server.run_queue import Outcome, RunQueue
+from engine.server.run_queue import RunQueue
 from lab.runs import Limits, RunKey, check_run, kv_need_bytes, run_spec
 from lab.state import LabState
 from tests.fakes import FakeClient

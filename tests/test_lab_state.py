@@ -114,7 +114,7 @@ def test_a_cached_setting_is_drawn_at_once_without_clearing_the_plots(controller
 def test_steps_reach_the_plots_once_a_tick_and_a_superseded_run_is_dropped(controller):
     """Steps wait in the inbox until the ticker drains them, all at once; events of a run the
     learner has moved on from are dropped, and a failure keeps the last trace shown."""
-    from lab.engine_client import Outcome
+    from engine.records import Outcome
 
     assert settle(controller)
     drawn: list[list] = []

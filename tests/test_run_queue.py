@@ -12,8 +12,8 @@ import pytest
 
 from engine.config import ConfigError
 from engine.llm_engine import Cancelled
-from engine.records import StepRecord, Trace
-from engine.server.run_queue import Outcome, RunQueue as EngineService
+from engine.records import Outcome, StepRecord, Trace
+from engine.server.run_queue import RunQueue as EngineService
 from tests.serverkit import wait_until
 
 

@@ -39,7 +39,8 @@ from engine.records import StepRecord
 from engine.server import classroom_hub
 from engine.server.classroom import ClassroomHub
 from engine.server.measured_runs import ModelShelf, RunSpec, execute
-from engine.server.run_queue import Outcome, RunQueue
+from engine.records import Outcome
+from engine.server.run_queue import RunQueue
 
 KEEPALIVE_S = 15.0  # an empty line this often keeps a long wait from looking like a dead peer
 # Steps are written in batches, this often. The engine's worker thread shares this process's
@@ -182,13 +183,7 @@ class RunsHandler(LabHandler):
 
     @staticmethod
     def _done(send, i: int, outcome: Outcome) -> None:
-        if outcome.cancelled:
-            send({"event": "cancelled", "run": i})
-        elif outcome.error is not None:
-            send({"event": "error", "run": i, "message": outcome.error})
-        else:
-            send({"event": "done", "run": i, "trace": outcome.trace.to_json(),
-                  "cached": outcome.cached})
+        send(outcome.to_event(i))
 
     def on_connection_close(self) -> None:
         self.lab.queue.detach(self.tag)

@@ -24,23 +24,13 @@ from dataclasses import dataclass, field
 
 from engine.config import ConfigError
 from engine.llm_engine import Cancelled
-from engine.records import StepRecord, Trace
+from engine.records import Outcome, StepRecord, Trace
 
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[StepRecord], None]
 DoneFn = Callable[["Outcome"], None]
 PositionFn = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a job ended: a trace, or a message saying why there is none."""
-
-    trace: Trace | None = None
-    error: str | None = None
-    cancelled: bool = False
-    cached: bool = False
 
 
 @dataclass
