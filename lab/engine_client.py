@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from engine.analytic import DeviceProbe
+from engine.config import element_bytes
 from engine.records import Trace
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ class EngineInfo:
 
     @property
     def bytes_per_elem(self) -> int:
-        """KV and weight element size: bf16 on CUDA, fp32 on the CPU (as the engine loads them)."""
-        return 2 if self.device_type == "cuda" else 4
+        """KV and weight element size, as the engine loads them on this device."""
+        return element_bytes(self.device_type)
 
 
 class RunStream:

@@ -15,8 +15,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import torch
-
 from engine.config import PRESETS, ConfigError, EngineConfig
 from engine.llm_engine import LLMEngine, pick_device
 from engine.model import Llama
@@ -92,8 +90,7 @@ class ModelShelf:
     def get(self, name: str) -> Llama:
         with self._lock:
             if name not in self._models:
-                dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-                self._models[name] = load_model(name, seed=0, device=self.device, dtype=dtype)
+                self._models[name] = load_model(name, seed=0, device=self.device)
             return self._models[name]
 
 
