@@ -72,6 +72,9 @@ def after_first_pass(demo: DemoController, content: Content) -> pn.Column:
     `panels` maps each panel id to its `LazyPanel`."""
 
     def storyboard() -> list:
+        if demo.storyboard_note:  # an external engine exposes no steps
+            return [pn.pane.Markdown(demo.storyboard_note, sizing_mode="stretch_width",
+                                     css_classes=["storyboard-unexposed"])]
         board = Storyboard()
         if demo.trace is not None:
             board.show(demo.trace)

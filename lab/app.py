@@ -14,9 +14,16 @@ from lab.ticker import recount_models_once
 if pn.state.served:
     pn.extension("katex", throttled=True, notifications=False)
     query = {k: v[0].decode("utf-8", "replace") for k, v in pn.state.session_args.items() if v}
-    page = build_page(client=shared.engine_client(), limits=shared.limits(),
-                      traces=shared.traces(), query=query,
+    endpoint = shared.endpoint()  # LAB_ENDPOINT: server configuration, never the page's query
+    # With an endpoint, an engine server is needed only for the classroom hub: one named by
+    # LAB_ENGINE_URL, never one started here.
+    classroom = endpoint is None or bool(os.environ.get("LAB_ENGINE_URL"))
+    page = build_page(client=shared.engine_client() if endpoint is None else None,
+                      limits=shared.limits(), traces=shared.traces(), query=query,
                       links={"prerequisite": os.environ.get("LAB_PREREQ_URL", ""),
-                             "next": os.environ.get("LAB_NEXT_URL", "")})
+                             "next": os.environ.get("LAB_NEXT_URL", "")},
+                      endpoint=endpoint,
+                      prompts=shared.endpoint_prompts() if endpoint is not None else None,
+                      classroom=classroom)
     with recount_models_once():  # the template adds roots and a theme one at a time
         page.servable()

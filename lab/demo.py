@@ -15,7 +15,7 @@ from collections.abc import Callable
 from functools import partial
 
 from engine.config import preset
-from engine.metrics import summarize
+from engine.metrics import Summary, summarize
 from engine.records import Outcome, StepRecord, Trace
 from lab.background import REPEATS, BackgroundRuns
 from lab.engine_client import EngineClient, EngineInfo, EngineUnavailable, RunStream, TraceCache
@@ -42,6 +42,11 @@ BACKGROUND = "background"  # the inbox tag of background events
 class DemoController:
     """UI-free wiring between one session's controls, the engine server and the plots."""
 
+    # Status lines that differ from the demo view's defaults (an external endpoint's wording).
+    status_text: tuple[tuple[str, str], ...] = ()
+    fixed_controls: tuple[str, ...] = ()  # controls the engine behind the page does not take
+    storyboard_note: str | None = None  # said in place of the storyboard, if it cannot be drawn
+
     def __init__(self, state: LabState, client: EngineClient, limits: Limits,
                  traces: TraceCache | None = None, ticker: Ticker | None = None) -> None:
         self.state = state
@@ -54,15 +59,7 @@ class DemoController:
         self.notice = Notice()
         self.link_notice = Notice()  # what a shared link's bad values were turned into
         self.gate = None  # the prediction gate, set by the demo's layout
-        self.summary = SummaryTable(run=self.run)
-        self.latency = LatencyPlot(run=self.run)
-        self.timeline = TimelinePlot(run=self.run)
-        self.kv_memory = KVMemoryPlot(run=self.run)
-        self.page_map = PageMap(run=self.run)
-        self.queue = QueuePlot(run=self.run)
-        self.tpot_batch = TPOTBatchPlot()
-        self.policy = PolicyComparison()
-        self.goodput_rate = GoodputRatePlot()
+        self._make_plots()
         self.trace: Trace | None = None  # the last good run
         self.shown_key: RunKey | None = None
         self.repeat = 0  # which measurement of the current setting "Run again" asked for
@@ -81,6 +78,18 @@ class DemoController:
         state.param.watch(self._on_controls, list(LabState.RUN_CONTROLS))
         state.param.watch(self._on_slo, ["ttft_slo", "tpot_slo"])
 
+    def _make_plots(self) -> None:
+        """The summary and the plots, each following `self.run`."""
+        self.summary = SummaryTable(run=self.run)
+        self.latency = LatencyPlot(run=self.run)
+        self.timeline = TimelinePlot(run=self.run)
+        self.kv_memory = KVMemoryPlot(run=self.run)
+        self.page_map = PageMap(run=self.run)
+        self.queue = QueuePlot(run=self.run)
+        self.tpot_batch = TPOTBatchPlot()
+        self.policy = PolicyComparison()
+        self.goodput_rate = GoodputRatePlot()
+
     @property
     def engine(self) -> EngineInfo:
         """The engine server's device and limits (EngineUnavailable when none answers)."""
@@ -98,7 +107,7 @@ class DemoController:
 
     def run_again(self) -> None:
         """Measure the current setting once more (a new measurement, not the cached one)."""
-        base = self.state.key()
+        base = self._key()
         self.repeat = next(r for r in range(1, 10**6)
                            if self.traces.get(base.replace(repeat=r)) is None)
         with recount_models_once():
@@ -120,15 +129,29 @@ class DemoController:
         self.notice.show(why + " The plots keep the last measured run.",
                          "danger" if status == "failed" else "warning")
 
-    def submit(self) -> None:
-        key = self.state.key(self.repeat)
+    def _key(self, repeat: int = 0) -> RunKey:
+        """The run the controls ask for: its cache key."""
+        return self.state.key(repeat)
+
+    def _why_not(self, key: RunKey) -> tuple[str, str] | None:
+        """(why, status) when `key` may not run now, else None."""
         try:
             engine = self.engine
         except EngineUnavailable as err:
-            return self._refuse(str(err), "failed")
+            return str(err), "failed"
         why = check_run(key, self.limits, engine)
-        if why is not None:
-            return self._refuse(why)
+        return (why, "refused") if why is not None else None
+
+    def _open_stream(self, key: RunKey, on_event: Callable[[dict], None]) -> RunStream:
+        """Ask the engine server to measure `key`; its events go to `on_event`."""
+        return self.client.stream(self.session, [run_spec(key, self.engine)], on_event,
+                                  max_run_s=self.limits.max_run_s)
+
+    def submit(self) -> None:
+        key = self._key(self.repeat)
+        refused = self._why_not(key)
+        if refused is not None:
+            return self._refuse(*refused)
         self.notice.clear()
         self._generation += 1
         if self._stream is not None:
@@ -140,9 +163,7 @@ class DemoController:
             return
         self._cleared, self._pending = False, key
         self.run.param.update(status="queued", notice="", queue_position=0)
-        self._stream = self.client.stream(
-            self.session, [run_spec(key, engine)], partial(self._receive, self._generation, key),
-            max_run_s=self.limits.max_run_s)
+        self._stream = self._open_stream(key, partial(self._receive, self._generation, key))
 
     def _receive(self, generation: object, key: RunKey, event: dict) -> None:
         """On a client thread: keep the event for the next tick."""
@@ -263,15 +284,19 @@ class DemoController:
     def _draw(self, trace: Trace) -> None:
         slo = self.state.slo()
         summary = summarize(trace, slo)
+        self._label_run(trace, summary)
+        self.run.param.update(trace=trace, slo=slo, summary=summary)
+        self.sweeps.redraw()
+        for listener in self.listeners:
+            listener(trace, summary)
+
+    def _label_run(self, trace: Trace, summary: Summary) -> None:
+        """What the panels say beside the numbers: the banner's device, the queue's bounds."""
         engine = self.engine
         self.banner.update(trace.device, trace.model, engine.probe)
         key = self.shown_key
         if key is not None:
             self.queue.set_bounds(running_bounds(key, preset(key.model), engine.bytes_per_elem))
-        self.run.param.update(trace=trace, slo=slo, summary=summary)
-        self.sweeps.redraw()
-        for listener in self.listeners:
-            listener(trace, summary)
 
     def _on_slo(self, *_events) -> None:
         """The shown run again, under the SLOs as they are now."""

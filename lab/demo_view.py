@@ -54,6 +54,15 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
     for w in (w for ws in groups.values() for w in ws):  # two columns on a wide screen
         w.sizing_mode = "stretch_width"
         w.styles = {"flex": "1 1 320px"}
+    fixed = [w for name, w in zip(("batch", "kv_mb", "page", "chunk", "policy", "model"),
+                                  groups["The engine"]) if name in demo.fixed_controls]
+    for w in fixed:  # the deployment's own settings: shown, but not the lab's to change
+        w.disabled = True
+    if fixed:
+        groups["The engine"].append(pn.pane.Markdown(
+            "Batch is how many requests the lab keeps in flight at once. KV memory, page size, "
+            "prefill chunk, policy and model belong to the deployment's configuration, which the "
+            "lab does not change.", css_classes=["fixed-controls"], sizing_mode="stretch_width"))
     buttons = []
     for preset in content.presets:
         b = pn.widgets.Button(name=preset["label"], button_type="light",
@@ -81,8 +90,10 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
 def status_line(demo: DemoController) -> pn.Row:
     s = demo.run
 
+    texts = {**STATUS_TEXT, **dict(demo.status_text)}
+
     def text(status, ahead, steps):
-        return STATUS_TEXT[status].format(ahead=ahead, steps=steps)
+        return texts[status].format(ahead=ahead, steps=steps)
 
     busy = pn.bind(lambda st: st in ("queued", "running"), s.param.status)
     return pn.Row(
@@ -108,7 +119,7 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
     results = pn.Column(
         demo.summary,
         pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
-            *(plot_card(PLOT_TITLES[plot.plot_id], plot, plot.plot_id) for plot in (
+            *(plot_card(plot.heading or PLOT_TITLES[plot.plot_id], plot, plot.plot_id) for plot in (
                 demo.latency, demo.timeline, demo.kv_memory, demo.page_map, demo.queue,
                 demo.policy, demo.tpot_batch, demo.goodput_rate)),
             gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),

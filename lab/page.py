@@ -15,6 +15,9 @@ from lab.classroom_view import attach_classroom
 from lab.content import load_content
 from lab.demo import DemoController
 from lab.demo_view import demo_section
+from lab.endpoint_client import EndpointClient
+from lab.endpoint_demo import EndpointDemoController
+from lab.endpoint_prompts import PromptMaker
 from lab.engine_client import EngineClient, TraceCache
 from lab.runs import Limits
 from lab.state import LabState
@@ -27,21 +30,28 @@ URL_KEYS = LabState.CONTROLS
 EMBED_CSS = "#header { display: none !important; } #main { padding-top: 0 !important; }"
 
 
-def build_page(client: EngineClient, limits: Limits, traces: TraceCache | None = None,
+def build_page(client: EngineClient | None, limits: Limits, traces: TraceCache | None = None,
                query: dict[str, str] | None = None,
-               links: dict[str, str] | None = None) -> pn.template.BootstrapTemplate:
+               links: dict[str, str] | None = None, endpoint: EndpointClient | None = None,
+               prompts: PromptMaker | None = None,
+               classroom: bool = True) -> pn.template.BootstrapTemplate:
     """One session's page: the reading sections and the demo (or, with ?embed=demo, the demo
-    alone), in a template whose light or dark theme also styles the Bokeh plots."""
+    alone), in a template whose light or dark theme also styles the Bokeh plots. With an
+    `endpoint` (LAB_ENDPOINT) the demo measures it instead of the engine server `client`."""
     query = query or {}
     content = load_content()
     theme = "dark" if query.get("theme") == "dark" else "default"
     embed = query.get("embed") == "demo"
     state = LabState()
     notes = state.apply({k: v for k, v in query.items() if k in URL_KEYS})
-    demo = DemoController(state, client, limits, traces)
+    if endpoint is None:
+        demo = DemoController(state, client, limits, traces)
+    else:
+        demo = EndpointDemoController(state, endpoint, limits, traces, prompts=prompts)
     if notes:
         demo.link_notice.show("This link's settings were adjusted: " + "; ".join(notes) + ".")
-    bar = attach_classroom(demo, content, query)  # None unless instructor mode is on
+    # None unless instructor mode is on
+    bar = attach_classroom(demo, content, query) if classroom else None
     if embed:
         body = [demo_section(demo, content, compact=True)]
     else:

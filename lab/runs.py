@@ -164,12 +164,20 @@ def estimate_run_s(key: RunKey, cfg: ModelConfig, probe: analytic.DeviceProbe, e
     return 3.0 * (prefill + decode) + max(shape.arrivals_s)
 
 
-def check_run(key: RunKey, limits: Limits, engine: EngineInfo) -> str | None:
-    """Why this run may not start (one sentence for the learner), or None."""
+def malformed(key: RunKey) -> str | None:
+    """Why `key` is no run at all (a value out of its domain), or None."""
     if min(key.batch, key.context, key.page, key.output, key.requests, key.chunk) < 1:
         return "Batch, context, page size, output, requests and chunk must each be at least 1."
     if key.rate < 0 or key.mix not in MIXES or key.policy not in POLICIES:
         return "Rate must be 0 or more, mix fixed or mixed, and policy continuous or static."
+    return None
+
+
+def check_run(key: RunKey, limits: Limits, engine: EngineInfo) -> str | None:
+    """Why this run may not start (one sentence for the learner), or None."""
+    why = malformed(key)
+    if why is not None:
+        return why
     try:
         cfg = preset(key.model)
     except ConfigError as err:

@@ -31,6 +31,7 @@ class PlotComponent(pn.viewable.Viewer):
     """A plot (or plots) with its text equivalent underneath."""
 
     plot_id: ClassVar[str] = "plot"  # stable id, shared with content/inquiry.yaml's `plot` keys
+    heading: ClassVar[str | None] = None  # the card's title, where not the plot id's usual one
 
     text = param.String(default=WAITING, doc="What the plot shows now, in words and numbers.")
     run = param.ClassSelector(class_=RunState, default=None,

@@ -66,6 +66,8 @@ class SummaryTable(pn.viewable.Viewer):
     values = param.Dict(default={}, doc="Formatted value per row label; empty before any run.")
     stale = param.Boolean(default=False, doc="A run is under way; the values are the last run's.")
     text = param.String(default=WAITING, doc="The table's rows as one plain sentence.")
+    overrides = param.Dict(default={}, doc="Values that replace a row's (an engine behind the "
+                                           "page that does not expose it), or add rows")
     run = param.ClassSelector(class_=RunState, default=None,
                               doc="The session's run this table follows (None: filled by hand)")
 
@@ -102,7 +104,7 @@ class SummaryTable(pn.viewable.Viewer):
 
     def show(self, trace: Trace, summary: Summary, slo: SLO) -> None:
         """Fill every row from a finished run."""
-        values = summary_values(summary)
+        values = {**summary_values(summary), **self.overrides}
         self.param.update(stale=False, values=values)  # one redraw of the table, not two
         self.text = "; ".join(f"{k} {v}" for k, v in values.items()) + "."
 
@@ -112,7 +114,8 @@ class SummaryTable(pn.viewable.Viewer):
             f'<tr class="{"core" if label in CORE_ROWS else "extra"}">'
             f'<th scope="row">{html.escape(label)}</th><td>{html.escape(self.value(label))}</td>'
             "</tr>"
-            for label in CORE_ROWS + (EXTRA_ROWS if self.values else ())]
+            for label in CORE_ROWS + (EXTRA_ROWS if self.values else ()) + tuple(
+                k for k in self.values if k not in CORE_ROWS + EXTRA_ROWS)]
         caption = "Measured this run" + (" (updating…)" if self.stale else "")
         return (f'<table class="summary-table{" stale" if self.stale else ""}" '
                 f'aria-busy="{str(self.stale).lower()}"><caption>{caption}</caption>'

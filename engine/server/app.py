@@ -22,21 +22,25 @@ from engine.records import RequestRecord
 from engine.server.engine_loop import EngineLoop
 from engine.server import lab_routes
 from engine.server.handlers import (GenerateHandler, HealthHandler, MetricsHandler,
-                                    ModelsHandler, NotFound, ServerState)
+                                    ModelsHandler, NotFound, ServerState, TokenizeHandler)
 from engine.server.prometheus import ServerMetrics
 from engine.server.tokenizer import TextCodec
 
 
-def make_app(state: ServerState, lab: lab_routes.LabRuns | None = None) -> tornado.web.Application:
-    """The OpenAI routes, /health and /metrics; and the lab's routes when `lab` is given."""
+def make_app(state: ServerState, lab: lab_routes.LabRuns | None = None,
+             metrics: bool = True) -> tornado.web.Application:
+    """The OpenAI routes, /tokenize, /health and (unless `metrics` is False) /metrics; and the
+    lab's routes when `lab` is given."""
     args = {"state": state}
     extra = lab_routes.routes(lab) if lab is not None else []
+    if metrics:
+        extra.append((r"/metrics", MetricsHandler, args))
     return tornado.web.Application(extra + [
         (r"/v1/completions", GenerateHandler, args | {"chat": False}),
         (r"/v1/chat/completions", GenerateHandler, args | {"chat": True}),
         (r"/v1/models", ModelsHandler, args),
+        (r"/tokenize", TokenizeHandler, args),
         (r"/health", HealthHandler, args),
-        (r"/metrics", MetricsHandler, args),
     ], default_handler_class=NotFound, default_handler_args=args)
 
 
@@ -57,7 +61,7 @@ async def shutdown(state: ServerState, server: tornado.httpserver.HTTPServer,
 
 def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.socket],
           max_waiting: int, trace_out: TextIO | None = None,
-          lab: lab_routes.LabRuns | None = None
+          lab: lab_routes.LabRuns | None = None, metrics_route: bool = True
           ) -> tuple[ServerState, tornado.httpserver.HTTPServer]:
     """Start the engine loop and answer HTTP on `sockets`; call from a running event loop."""
     aio = asyncio.get_running_loop()
@@ -70,7 +74,7 @@ def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.
     loop = EngineLoop(engine, metrics, aio.call_soon_threadsafe,
                       write_record if trace_out is not None else None)
     state = ServerState(loop, codec, model, engine.max_len, max_waiting)
-    server = tornado.httpserver.HTTPServer(make_app(state, lab))
+    server = tornado.httpserver.HTTPServer(make_app(state, lab, metrics_route))
     server.add_sockets(sockets)
     loop.start()
     return state, server
@@ -78,10 +82,10 @@ def start(engine: LLMEngine, codec: TextCodec, model: str, sockets: list[socket.
 
 async def serve(engine: LLMEngine, codec: TextCodec, model: str, host: str, port: int,
                 max_waiting: int, grace_s: float, trace_out: TextIO | None,
-                lab: lab_routes.LabRuns | None = None) -> None:
+                lab: lab_routes.LabRuns | None = None, metrics_route: bool = True) -> None:
     """Run until SIGTERM or SIGINT; prints one line with the address once listening."""
     state, server = start(engine, codec, model, tornado.netutil.bind_sockets(port, host),
-                          max_waiting, trace_out, lab)
+                          max_waiting, trace_out, lab, metrics_route)
     aio = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -32,6 +32,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                        help="append each finished request's record here, one JSON line each")
     serve.add_argument("--no-lab", action="store_true",
                        help="leave out the lab's measured-run routes (/lab/info, /lab/runs)")
+    serve.add_argument("--no-metrics", action="store_true",
+                       help="leave out GET /metrics, as a deployment without one would")
     serve.set_defaults(main=serve_main)
 
     tok = sub.add_parser("tokenizer", help="write the tokenizer files a client needs")
@@ -77,7 +79,7 @@ def serve_main(args: argparse.Namespace) -> int:
     trace_out = args.trace_out.open("a") if args.trace_out else None
     try:
         asyncio.run(serve(engine, codec, args.model, args.host, args.port, args.max_waiting,
-                          args.shutdown_grace_s, trace_out, lab))
+                          args.shutdown_grace_s, trace_out, lab, not args.no_metrics))
     except OSError as err:  # the port is taken, or the address is not this machine's
         print(f"error: cannot listen on {args.host}:{args.port} ({err.strerror})",
               file=sys.stderr)

@@ -205,6 +205,19 @@ class HealthHandler(JsonHandler):
         self.finish()
 
 
+class TokenizeHandler(JsonHandler):
+    """POST /tokenize, as vLLM answers it: the ids, their count and the longest request."""
+
+    def post(self) -> None:
+        s = self.state
+        try:
+            ids = protocol.parse_tokenize(self.request.body, s.codec, {s.model})
+        except protocol.ApiError as err:
+            return self.fail(err)
+        self.finish({"count": len(ids), "max_model_len": s.max_len, "tokens": ids,
+                     "token_strs": None})
+
+
 class MetricsHandler(JsonHandler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")

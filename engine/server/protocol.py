@@ -110,9 +110,8 @@ def _chat_prompt(body: dict, codec: TextCodec) -> list[int]:
     return _encode(codec, codec.render_chat(clean))
 
 
-def parse(raw: bytes, chat: bool, codec: TextCodec, model_names: set[str],
-          why_never: Callable[[list[int], int], str | None]) -> GenerateArgs:
-    """Check a request body; `why_never` is the engine's own test of whether a request can run."""
+def _body(raw: bytes, model_names: set[str]) -> dict:
+    """The JSON object of a request body, whose `model`, if given, must be this server's."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
@@ -124,6 +123,13 @@ def parse(raw: bytes, chat: bool, codec: TextCodec, model_names: set[str],
         raise ApiError(f"the model {json.dumps(model)[:80]} does not exist; this server has "
                        f"{', '.join(sorted(model_names))}", type_="NotFoundError",
                        code="model_not_found")
+    return body
+
+
+def parse(raw: bytes, chat: bool, codec: TextCodec, model_names: set[str],
+          why_never: Callable[[list[int], int], str | None]) -> GenerateArgs:
+    """Check a request body; `why_never` is the engine's own test of whether a request can run."""
+    body = _body(raw, model_names)
     if _get(body, "n", int, 1) != 1:
         raise ApiError("only n=1 is supported")
     max_tokens = _get(body, "max_completion_tokens", int, None)
@@ -149,6 +155,15 @@ def parse(raw: bytes, chat: bool, codec: TextCodec, model_names: set[str],
     except ConfigError as err:
         raise ApiError(str(err)) from None
     return GenerateArgs(chat, prompt_ids, max_tokens, sampling, stream, include_usage, return_ids)
+
+
+def parse_tokenize(raw: bytes, codec: TextCodec, model_names: set[str]) -> list[int]:
+    """The token ids of a POST /tokenize body, vLLM's shape: `prompt` text, or chat `messages`
+    through the chat template."""
+    body = _body(raw, model_names)
+    if "messages" in body:
+        return _chat_prompt(body, codec)
+    return _encode(codec, _get(body, "prompt", str, ""))
 
 
 # -- answers ---------------------------------------------------------------------------------
