@@ -1,17 +1,19 @@
 """The engine's CPU threads: during runs, torch's pool does the matrix products; OpenBLAS is held
 to one thread. Also OpenMP's wait policy, which the entry points set (`quiet_openmp`).
 
-Two thread pools live in the engine's process: torch's (OpenMP, which MKL's matrix products run
-on) and numpy's OpenBLAS. Each, left at one thread per core, busy-waits between its jobs on the
-cores the other needs, and a decode step then takes several times as long. So a run uses one pool
-for its heavy arithmetic. Every weight product of a step goes through torch
-(`engine.kernels.cpu_products`, and the model's `F.linear`), because OpenBLAS repacks a whole
-weight matrix on every call of two rows or more; numpy is left the small per-sequence arithmetic,
-which gains nothing from threads, and runs with one OpenBLAS thread.
+Three thread pools live in the engine's process: torch's (OpenMP, which MKL's matrix products
+run on), the compiled loops' (numba's, also OpenMP: `engine.kernels.cpu_jit`) and numpy's
+OpenBLAS. A pool left at one thread per core busy-waits between its jobs on the cores another
+needs, and a decode step then takes several times as long. So the heavy arithmetic of a run goes
+to torch and the compiled loops, which take turns (a decode step's products and attention are
+compiled loops up to 16 sequences; prefill and larger batches use torch), and OpenMP's threads
+sleep when idle (`quiet_openmp`); numpy is left the small per-sequence arithmetic, which gains
+nothing from threads, and runs with one OpenBLAS thread (OpenBLAS also repacks a whole weight
+matrix on every call of two rows or more, so no product goes through it).
 
 How many threads a run's products get is the process's setting of "BLAS threads"
 (`set_blas_threads`, the CLI's `--cpu-threads`, the lab's `LAB_CPU_THREADS`), one per core unless
-told otherwise; `engine_threads` moves it onto torch's pool for the run and restores both pools
+told otherwise; `engine_threads` moves it onto torch's and numba's pools for the run and restores them
 when the run ends (the benchmark's probe keeps every torch thread). When another process wants a
 core, threads of one job wait on each other and a step stretches, so a server that also renders
 pages may run the engine on fewer threads. The measurements behind each choice are in
@@ -51,20 +53,26 @@ def quiet_openmp() -> None:
 
 @contextmanager
 def engine_threads(device: torch.device) -> Iterator[None]:
-    """On the CPU, run the block with torch's pool at the process's BLAS-thread setting and
-    OpenBLAS at one thread; elsewhere, change nothing."""
+    """On the CPU, run the block with torch's pool and the compiled loops' pool
+    (`engine.kernels.cpu_jit`) at the process's BLAS-thread setting and OpenBLAS at one thread;
+    elsewhere, change nothing."""
     if device.type != "cpu":
         yield
         return
     import torch
 
+    from engine.kernels import cpu_jit
+
+    n = blas_threads()
     before = torch.get_num_threads()
-    torch.set_num_threads(blas_threads())
+    torch.set_num_threads(n)
+    compiled_before = cpu_jit.set_threads(n)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
         torch.set_num_threads(before)
+        cpu_jit.set_threads(compiled_before)
 
 
 def usable_cores() -> int:

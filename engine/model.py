@@ -198,9 +198,6 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
-        # Token lookups read this table when set: a row-major copy of a tied embedding whose
-        # shared matrix is stored (in, out) for the LM head (engine.kernels.cpu_backend).
-        self.register_buffer("embed_rows", None, persistent=False)
 
     def init_random(self, seed: int) -> None:
         """Seeded normal weights (std = initializer_range), unit norms: the default model."""
@@ -216,8 +213,7 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 meta: AttentionMetadata, logit_index: torch.Tensor) -> torch.Tensor:
         """Run the flat batch, write its K/V, return logits at `logit_index`: (M, vocab)."""
-        table = self.model.embed_tokens.weight if self.embed_rows is None else self.embed_rows
-        h = F.embedding(input_ids, table)  # (N, d)
+        h = F.embedding(input_ids, self.model.embed_tokens.weight)  # (N, d)
         cos, sin = self.rotary(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = h + layer.self_attn(layer.input_layernorm(h), cos, sin,

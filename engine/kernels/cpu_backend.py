@@ -1,5 +1,5 @@
 """The CPU's weight layout: every matrix a decode step streams, in one huge-page arena, stored
-(in, out).
+(out, in), row-major.
 
 A CPU decode step multiplies a few rows by every weight matrix, so it is paced by reading the
 weights. Two things make that reading cheaper, and both are decided here, once, when a model is
@@ -7,8 +7,9 @@ loaded onto the CPU (`engine.weights.load_model`):
 - huge pages: with 4 KiB pages, streaming the weights costs tens of thousands of TLB misses a step;
   with 2 MiB pages, a few dozen. The kernel must run transparent huge pages in `always` or
   `madvise` mode; elsewhere the arena is plain anonymous memory and nothing else changes;
-- (in, out) storage: torch's CPU BLAS multiplies a decode step's rows by a matrix stored that way
-  faster than by the same matrix stored (out, in).
+- (out, in) rows: the decode step's compiled product (`engine.kernels.cpu_products`) reads
+  each output's weight row front to back, once per step. (While products went through MKL,
+  (in, out) measured faster; the arena can still hand out either layout.)
 What each was measured to save is in docs/benchmarks.md ("CPU weight layout"). The model itself
 does not know where its matrices live: parameters keep Hugging Face's names and (out, in) shapes,
 as views into the arena.
@@ -73,12 +74,12 @@ def streamed_linears(model: Llama) -> list[nn.Linear]:
 
 
 def arena_allocator(model: Llama) -> Allocate:
-    """(in, out)-stored matrices from one arena sized for every matrix a decode step reads."""
+    """(out, in)-stored matrices from one arena sized for every matrix a decode step reads."""
     dtype = model.lm_head.weight.dtype
     # Fused matrices are one allocation each, so per-linear sizes plus alignment bound them.
     arena = HugePageArena(sum(HugePageArena.size_of(m.weight.shape, dtype)
                               for m in streamed_linears(model)))
-    return lambda rows, cols: arena.empty(rows, cols, dtype, transposed=True)
+    return lambda rows, cols: arena.empty(rows, cols, dtype, transposed=False)
 
 
 def move_weight(linear: nn.Linear, allocate: Allocate) -> None:
@@ -90,15 +91,14 @@ def move_weight(linear: nn.Linear, allocate: Allocate) -> None:
 
 
 def lay_out_weights(model: Llama) -> Llama:
-    """Move a CPU model's streamed matrices into one huge-page arena, stored (in, out); fused
+    """Move a CPU model's streamed matrices into one huge-page arena, stored (out, in); fused
     q/k/v and gate/up are made there too. Returns the model, changed in place."""
     allocate = arena_allocator(model)
     model.fuse_weights(allocate)
     for layer in model.model.layers:
         move_weight(layer.self_attn.o_proj, allocate)
         move_weight(layer.mlp.down_proj, allocate)
-    move_weight(model.lm_head, allocate)  # tied or not: the LM head is the biggest single matrix
-    if model.config.tie_word_embeddings:
-        # Token lookups read rows; the shared matrix, now stored (in, out), would scatter them.
-        model.embed_rows = model.model.embed_tokens.weight.detach().contiguous()
+    # Tied or not, the LM head is the biggest single matrix; stored (out, in), a tied one is also
+    # the row-major table that token lookups read.
+    move_weight(model.lm_head, allocate)
     return model

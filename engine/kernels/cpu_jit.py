@@ -1,0 +1,71 @@
+"""Numba for the CPU decode step's two loops that no library call does well: small-batch weight
+products and paged attention. This module is the only place that imports numba.
+
+Why compiled loops: a decode step multiplies a few rows by every weight matrix and reads each
+sequence's K/V pages. torch's BLAS (MKL) copies ("packs") a matrix into blocks on every call
+before multiplying, and numpy's attention had to gather each sequence's pages into a fresh array
+first; both read and write the bytes that a decode step should only read once (the figures are in
+docs/benchmarks.md, "Compiled loops"). A loop compiled for this machine reads each weight and each
+K/V row once, in place.
+
+How they are compiled:
+- `kernel` is numba's `njit` with the options every kernel here uses: threads over the outer
+  loop (`prange`), fast floating point (sums may be reordered, as any BLAS does), no bounds
+  checks, and an on-disk cache next to the source, so only the first process compiles.
+- Wide vectors: on CPUs with AVX-512, LLVM prefers 256-bit vectors unless told otherwise, which
+  halves what one instruction does. `wide_vectors` tells numba the host's features with that
+  preference removed, through numba's documented `NUMBA_CPU_FEATURES`. It must run before numba is
+  imported, so it runs at the top of this module; a user who set the variable keeps it.
+- Threads: numba's pool is sized per calling thread (`set_threads`); `engine.cpu_threads`
+  sizes it with torch's for each run.
+- `warm_up` compiles (or loads) every kernel once with tiny inputs, so that the first measured
+  step does not pay for compilation.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+
+def wide_vectors() -> None:
+    """Let LLVM use 512-bit vectors where the CPU has them (see the module docstring)."""
+    if "NUMBA_CPU_FEATURES" in os.environ:
+        return
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features().flatten()
+    if "+avx512f" in features.split(","):
+        os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
+
+
+wide_vectors()
+
+import numba  # noqa: E402  (after wide_vectors, on purpose)
+
+kernel = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True, nogil=True,
+                           boundscheck=False)
+prange = numba.prange
+
+
+def set_threads(n: int) -> int:
+    """Size numba's pool for the calling thread at `n` (at most what it was started with);
+    returns the size it had."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    return before
+
+
+@functools.cache
+def warm_up() -> None:
+    """Compile or load every kernel once in this process (the first call of each compiles)."""
+    import numpy as np
+
+    from engine.kernels.cpu_attention import paged_attention
+    from engine.kernels.cpu_products import rows_times_weight
+
+    rows = np.ones((5, 8), np.float32)
+    rows_times_weight(rows, np.ones((6, 8), np.float32), np.empty((5, 6), np.float32))
+    cache = np.ones((3, 2, 1, 8), np.float32)
+    q = np.ones((2, 1, 2, 8), np.float32)
+    paged_attention(q, cache, cache, np.zeros((2, 2), np.int64), np.array([3, 1], np.int64),
+                    np.empty_like(q))
