@@ -1,7 +1,8 @@
 """`python -m lab [--page-servers N] [panel serve flags]`: the whole lab with one command.
 
 Starts the engine server (`python -m engine serve`, which measures every run) unless
-LAB_ENGINE_URL already names one, then `panel serve lab/app.py` with the given flags. For a class,
+LAB_ENGINE_URL already names one, or LAB_ENDPOINT names an external deployment to measure instead;
+then `panel serve lab/app.py` with the given flags. For a class,
 `--page-servers N` starts N page servers on N consecutive ports from `--port`, all sharing the one
 engine server, to put behind a proxy that keeps each browser on one of them (docs/classroom.md).
 Panel's own `--num-procs` is refused: its processes share one port with no such stickiness, so a
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 
+from lab.endpoint_client import EndpointConfig
 from lab.engine_client import EngineClient, EngineUnavailable
 from lab.engine_process import ROOT, start_engine, stop_engine
 
@@ -34,19 +36,30 @@ def main(argv: list[str]) -> int:
                  "proxy (docs/classroom.md)")
     if args.page_servers < 1:
         ap.error("--page-servers must be at least 1")
+    try:
+        endpoint = EndpointConfig.from_env()
+    except ValueError as err:
+        print(f"lab: {err}", file=sys.stderr)
+        return 2
     engine = None
-    if not os.environ.get("LAB_ENGINE_URL"):
+    if endpoint is None and not os.environ.get("LAB_ENGINE_URL"):
         engine, url = start_engine(port=int(os.environ.get("LAB_ENGINE_PORT", "0")) or None)
         os.environ["LAB_ENGINE_URL"] = url
-    try:
-        info = EngineClient().wait_ready(timeout_s=180)
-    except EngineUnavailable as err:
-        print(f"lab: {err}", file=sys.stderr)
-        if engine is not None:
-            stop_engine(engine)
-        return 2
-    print(f"lab: engine server at {os.environ['LAB_ENGINE_URL']} measures on {info.device}",
-          file=sys.stderr, flush=True)
+    if endpoint is not None:  # the endpoint measures; an engine server only hosts a classroom
+        print(f"lab: runs go to the endpoint {endpoint.address}"
+              + ("" if os.environ.get("LAB_ENGINE_URL") else
+                 " (no classroom: that needs an engine server at LAB_ENGINE_URL)"),
+              file=sys.stderr, flush=True)
+    else:
+        try:
+            info = EngineClient().wait_ready(timeout_s=180)
+        except EngineUnavailable as err:
+            print(f"lab: {err}", file=sys.stderr)
+            if engine is not None:
+                stop_engine(engine)
+            return 2
+        print(f"lab: engine server at {os.environ['LAB_ENGINE_URL']} measures on {info.device}",
+              file=sys.stderr, flush=True)
     pages = [subprocess.Popen([sys.executable, "-m", "panel", "serve",
                                str(ROOT / "lab" / "app.py"), "--port", str(args.port + i),
                                *panel_flags], cwd=ROOT)

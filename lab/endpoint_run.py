@@ -152,7 +152,8 @@ class EndpointRun:
         with self._lock:
             self._finished += 1
             finished = self._finished
-        self.on_event({"event": "progress", "finished": finished, "total": len(results)})
+        if not self.cancel.is_set():  # after a stop, the run's last event has been sent
+            self.on_event({"event": "progress", "finished": finished, "total": len(results)})
 
     # -- /metrics ------------------------------------------------------------------------------
     def _scrape(self, samples: list[MetricsSample], t_s: float, first: bool = False) -> str | None:
