@@ -163,6 +163,7 @@ class FakeDemo:
         self.run = RunState()
         self.listeners: list = []
         self.shown_key = None
+        self.storyboard_note = None  # the lab's own engine: the storyboard is drawn
 
     def repeats(self, key) -> list:
         return []  # no repeats measured: the gate falls back to its fixed band
