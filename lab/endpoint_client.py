@@ -6,7 +6,7 @@ LAB_ENDPOINT_API_KEY; nothing a learner sends (a URL key, a widget, an instructo
 it. The key goes only into an Authorization header: it is kept out of the config's repr and out of
 every message. `EndpointClient` does the HTTP: what the endpoint offers (`probe`), token counts
 (`tokenize`), a scrape of /metrics, and one streamed completion timed chunk by chunk
-(`stream_completion`). Every request has a timeout; every failure is an `EndpointError` with one
+(`stream_completion`); `Turns` lets its runs go one at a time. Every request has a timeout; every failure is an `EndpointError` with one
 sentence for the learner. Only the standard library, on the caller's thread.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -93,6 +94,40 @@ class Completion:
     finish_reason: str | None = None
 
 
+class Turns:
+    """Runs take turns, first come first served: one at a time per page process, so two
+    learners' workloads do not overlap on the endpoint and blur each other's numbers (a learner
+    has at most one run waiting: a newer one withdraws the older)."""
+
+    def __init__(self) -> None:
+        self._queue: list[object] = []
+        self._changed = threading.Condition()
+
+    def wait(self, ticket: object, cancel: threading.Event,
+             on_position: Callable[[int], None]) -> bool:
+        """Block until `ticket` is first; False when `cancel` came first. `on_position(n)` hears
+        how many runs are ahead each time that changes."""
+        with self._changed:
+            self._queue.append(ticket)
+            told = None
+            while not cancel.is_set():
+                ahead = self._queue.index(ticket)
+                if ahead == 0:
+                    return True
+                if ahead != told:
+                    on_position(told := ahead)
+                self._changed.wait(0.1)
+            self._queue.remove(ticket)
+            self._changed.notify_all()
+            return False
+
+    def done(self, ticket: object) -> None:
+        with self._changed:
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+            self._changed.notify_all()
+
+
 class EndpointClient:
     """Talks to one external endpoint; shared by every session of a page process."""
 
@@ -101,6 +136,7 @@ class EndpointClient:
         self.scheme, self.host, self.port, self.prefix = _split(config.url, "LAB_ENDPOINT")
         self._info: EndpointInfo | None = None
         self._lock = threading.Lock()
+        self.turns = Turns()
 
     # -- plumbing ------------------------------------------------------------------------------
     def _connect(self, url_parts: tuple[str, str, int], timeout: float):

@@ -78,7 +78,8 @@ class EndpointDemoController(DemoController):
     """One session's demo, measured against LAB_ENDPOINT."""
 
     status_text = (
-        ("queued", "Preparing the run: asking the endpoint what it offers."),
+        ("queued", "Waiting for the endpoint: {ahead} run(s) from this page server ahead of "
+                   "yours."),
         ("running", "Measuring on the endpoint: {steps} requests finished so far."),
         ("done", "Measured on the endpoint. Move a slider to run again."))
     fixed_controls = ENGINE_CONTROLS

@@ -9,8 +9,9 @@ asking for `output` tokens. Each request's chunks are timed as they arrive and b
 same definitions as for the lab's own engine. Meanwhile /metrics is scraped every
 `METRICS_PERIOD_S` for KV use and the queue.
 
-Events go to `on_event` on this run's threads: `progress`, `sample`, and one `done` or `error`
-(`Outcome.to_event`). The run is stopped, with an error, at twice `max_run_s`, like a run of the
+Runs of one page process take turns (`EndpointClient.turns`). Events go to `on_event` on this run's
+threads: `queued` (with the runs ahead) while it waits its turn, `progress`, `sample`, and one
+`done`, `error` or `cancelled` (`Outcome.to_event`). The run is stopped, with an error, at twice `max_run_s`, like a run of the
 lab's own engine; `close()` stops it at once.
 """
 from __future__ import annotations
@@ -67,13 +68,19 @@ class EndpointRun:
 
     # -- the run -------------------------------------------------------------------------------
     def _run(self) -> None:
+        trace = None
+        turns = self.client.turns
         try:
-            trace = self._measure()
+            if turns.wait(self, self.cancel, lambda ahead: self.on_event(
+                    {"event": "queued", "run": 0, "position": ahead})):
+                trace = self._measure()
         except EndpointError as err:
-            trace, self.failure = None, str(err)
+            self.failure = str(err)
         except Exception as err:  # never a traceback on the page: one sentence, the log has it
             log.exception("endpoint run failed")
-            trace, self.failure = None, f"The run against the endpoint failed ({type(err).__name__})."
+            self.failure = f"The run against the endpoint failed ({type(err).__name__})."
+        finally:
+            turns.done(self)
         if self.cancel.is_set() and self.failure is None:
             self.on_event(Outcome(cancelled=True).to_event(0))
         elif trace is None:

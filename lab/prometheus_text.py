@@ -21,8 +21,9 @@ KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:tok
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs")
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs")
 PREEMPTIONS = ("vllm:num_preemptions_total",)
-TTFT = "vllm:time_to_first_token_seconds"
-ITL = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds")
+TTFT = ("vllm:time_to_first_token_seconds", "sglang:time_to_first_token_seconds")
+ITL = ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds",
+       "sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds")
 CACHE_INFO = "vllm:cache_config_info"
 
 
@@ -83,9 +84,9 @@ def mean(samples: list[Sample], names: tuple[str, ...]) -> float | None:
     return sum(found) / len(found) if found else None
 
 
-def histogram(samples: list[Sample], names: str | tuple[str, ...]) -> tuple[float, float] | None:
+def histogram(samples: list[Sample], names: tuple[str, ...]) -> tuple[float, float] | None:
     """A histogram's (sum, count), added over label sets, or None if absent."""
-    for name in (names,) if isinstance(names, str) else names:
+    for name in names:
         parts = total(samples, (name + "_sum",)), total(samples, (name + "_count",))
         if parts[0] is not None and parts[1] is not None:
             return parts

@@ -52,6 +52,8 @@ SGLANG_TEXT = """\
 sglang:token_usage{model_name="qwen"} 0.42
 sglang:num_running_reqs{model_name="qwen"} 7
 sglang:num_queue_reqs{model_name="qwen"} 2 1700000000000
+sglang:time_to_first_token_seconds_sum{model_name="qwen"} 2.5
+sglang:time_to_first_token_seconds_count{model_name="qwen"} 10
 """
 TINY = dict(model="tiny", device="cpu", block_size=4, max_num_seqs=8,
             kv_budget_bytes=64 * 4 * 512, max_model_len=128)
@@ -71,7 +73,7 @@ def test_vllm_text_is_read_per_engine_and_summed_across_data_parallel_ranks():
 def test_sglang_names_and_timestamps_are_read():
     s = read_sample(SGLANG_TEXT, 0.0)
     assert (s.kv_usage, s.running, s.waiting) == (0.42, 7.0, 2.0)
-    assert s.preemptions is None and s.ttft is None and s.block_size is None
+    assert s.ttft == (2.5, 10.0) and s.preemptions is None and s.block_size is None
 
 
 @pytest.mark.parametrize("text", ["<html><body>Not Found</body></html>", "up 1\nfoo{a=\"b\"} x",
@@ -265,6 +267,23 @@ def test_the_prompt_tokens_the_server_counts_are_the_workloads(engine_endpoint):
     first = total()
     assert run_once(engine_endpoint, key).error is None
     assert total() - first == sum(shape(key).prompt_lens)
+
+
+def test_runs_of_one_page_process_take_turns_and_a_waiting_run_can_be_withdrawn(engine_endpoint):
+    key = RunKey("cpu-8m", 2, 16, 16, 8, requests=4)
+    events: dict[str, list] = {"a": [], "b": [], "c": []}
+    runs = {name: EndpointRun(engine_endpoint, PromptMaker(engine_endpoint.tokenize),
+                              key.replace(repeat=i), 20, events[name].append).start()
+            for i, name in enumerate("abc")}
+    time.sleep(0.3)
+    runs["c"].close()  # withdrawn while it waits its turn
+    for run in runs.values():
+        run.thread.join(60)
+    kinds = {name: [e["event"] for e in evs] for name, evs in events.items()}
+    assert kinds["a"][-1] == kinds["b"][-1] == "done" and kinds["c"][-1] == "cancelled"
+    assert "queued" not in kinds["a"] and {"event": "queued", "run": 0, "position": 1} in events["b"]
+    assert "progress" not in kinds["c"]  # it never sent a request
+    assert engine_endpoint.turns._queue == []
 
 
 def test_the_demo_measures_the_endpoint_and_says_what_it_cannot_show(engine_endpoint):
