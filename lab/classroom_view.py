@@ -156,7 +156,7 @@ class PresenterBar(_Bar):
         summary = self._summary()
         setting = None if key is None else getattr(key, base.control)
         if (summary is None or setting == base.setting or self.demo.run.status != "done"
-                or key != self.demo.state.key()):
+                or key != self.demo.run_key()):
             self.message.object = (f"Move **{base.control}** away from {fmt_value(base.setting)} and "
                                    "wait until your run is measured, then reveal.")
             return

@@ -107,7 +107,7 @@ class DemoController:
 
     def run_again(self) -> None:
         """Measure the current setting once more (a new measurement, not the cached one)."""
-        base = self._key()
+        base = self.run_key()
         self.repeat = next(r for r in range(1, 10**6)
                            if self.traces.get(base.replace(repeat=r)) is None)
         with recount_models_once():
@@ -129,7 +129,7 @@ class DemoController:
         self.notice.show(why + " The plots keep the last measured run.",
                          "danger" if status == "failed" else "warning")
 
-    def _key(self, repeat: int = 0) -> RunKey:
+    def run_key(self, repeat: int = 0) -> RunKey:
         """The run the controls ask for: its cache key."""
         return self.state.key(repeat)
 
@@ -148,7 +148,7 @@ class DemoController:
                                   max_run_s=self.limits.max_run_s)
 
     def submit(self) -> None:
-        key = self._key(self.repeat)
+        key = self.run_key(self.repeat)
         refused = self._why_not(key)
         if refused is not None:
             return self._refuse(*refused)

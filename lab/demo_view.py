@@ -119,7 +119,8 @@ def demo_section(demo: DemoController, content: Content, compact: bool = False) 
     results = pn.Column(
         demo.summary,
         pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
-            *(plot_card(plot.heading or PLOT_TITLES[plot.plot_id], plot, plot.plot_id) for plot in (
+            *(plot_card(getattr(plot, "heading", None) or PLOT_TITLES[plot.plot_id], plot,
+                        plot.plot_id) for plot in (
                 demo.latency, demo.timeline, demo.kv_memory, demo.page_map, demo.queue,
                 demo.policy, demo.tpot_batch, demo.goodput_rate)),
             gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),

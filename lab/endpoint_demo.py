@@ -111,7 +111,7 @@ class EndpointDemoController(DemoController):
         raise RuntimeError("an endpoint demo has no engine server: nothing may ask for it")
 
     # -- the DemoController hooks --------------------------------------------------------------
-    def _key(self, repeat: int = 0) -> RunKey:
+    def run_key(self, repeat: int = 0) -> RunKey:
         """The controls' run, with the engine's own settings at their defaults: they do not
         change what the endpoint serves, so they do not split the cache."""
         return self.state.key(repeat).replace(

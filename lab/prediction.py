@@ -289,11 +289,12 @@ def attach_prediction_gate(demo: "DemoController", content: Content) -> "Predict
         return {k: getattr(key, k) for k in RUN_KEYS}
 
     def on_controls(*_events: Any) -> None:
-        flow.controls_changed(state.values())
+        flow.controls_changed(demo.run_key().to_json())  # as the run sees them
         if demo.run.status == "refused":  # the demo refused before this watcher ran
             flow.run_stopped()
 
-    state.param.watch(on_controls, list(RUN_KEYS))
+    # Controls the engine behind the page does not take (an external endpoint's) ask nothing.
+    state.param.watch(on_controls, [k for k in RUN_KEYS if k not in demo.fixed_controls])
     demo.run.param.watch(lambda e: flow.run_stopped() if e.new == "failed" else None, ["status"])
     demo.listeners.append(lambda trace, summary: flow.run_finished(shown_settings(), trace,
                                                                    summary))

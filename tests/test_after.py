@@ -164,6 +164,10 @@ class FakeDemo:
         self.listeners: list = []
         self.shown_key = None
         self.storyboard_note = None  # the lab's own engine: the storyboard is drawn
+        self.fixed_controls = ()  # and every control shapes its runs
+
+    def run_key(self):
+        return self.state.key()
 
     def repeats(self, key) -> list:
         return []  # no repeats measured: the gate falls back to its fixed band

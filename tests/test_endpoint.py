@@ -331,8 +331,30 @@ def test_no_query_key_reaches_the_endpoint_and_the_deployments_controls_are_fixe
     page = build_page(None, Limits(), query=query, endpoint=client, classroom=False)
     demo = page.demo
     assert demo.endpoint is client and client.config.url == "http://127.0.0.1:9"
-    assert demo.state.batch == 4 and demo._key().page == LabState.param["page"].default
+    assert demo.state.batch == 4 and demo.run_key().page == LabState.param["page"].default
     sliders = {w.name: w.disabled for root in page.main for w in root.select(pn.widgets.Widget)
                if w.name}
     assert sliders["Page size (tokens per block)"] and sliders["KV memory (MB)"]
     assert not sliders["Batch size (most running at once)"]
+
+
+def test_the_whole_page_builds_against_an_endpoint_and_the_storyboard_says_why_it_is_empty():
+    import panel as pn
+
+    from lab.page import build_page
+
+    client = EndpointClient(EndpointConfig(url="http://127.0.0.1:9"))
+    page = build_page(None, Limits(), query={}, endpoint=client, classroom=False)
+    after = next(obj for root in page.main for obj in root.select(pn.Column)
+                 if hasattr(obj, "panels"))  # the "After the first pass" section
+    views = after.panels["storyboard"].open()
+    assert "does not expose its steps" in views[0].object
+
+
+def test_the_whole_page_still_builds_against_the_labs_own_engine():
+    from lab.page import build_page
+    from tests.labkit import lab_engine
+
+    with lab_engine() as (client, _lab):
+        page = build_page(client, Limits(), query={"batch": "4"}, classroom=False)
+        assert type(page.demo).__name__ == "DemoController" and page.demo.storyboard_note is None
