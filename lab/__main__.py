@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 
-from lab.endpoint_client import EndpointConfig
+from lab.endpoint_config import EndpointConfig
 from lab.engine_client import EngineClient, EngineUnavailable
 from lab.engine_process import ROOT, start_engine, stop_engine
 

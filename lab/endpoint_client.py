@@ -1,10 +1,8 @@
 """The lab's client of an external OpenAI-compatible deployment (vLLM, SGLang, TGI, llama.cpp's
-server, or `python -m engine serve`), named by the server's configuration only: LAB_ENDPOINT.
+server, or `python -m engine serve`), as `EndpointConfig` (lab/endpoint_config.py) names it.
 
-`EndpointConfig.from_env` reads LAB_ENDPOINT, LAB_ENDPOINT_MODEL, LAB_ENDPOINT_METRICS and
-LAB_ENDPOINT_API_KEY; nothing a learner sends (a URL key, a widget, an instructor's action) reaches
-it. The key goes only into an Authorization header: it is kept out of the config's repr and out of
-every message. `EndpointClient` does the HTTP: what the endpoint offers (`probe`), token counts
+The API key goes only into an Authorization header, never into a message. `EndpointClient` does
+the HTTP: what the endpoint offers (`probe`), token counts
 (`tokenize`), a scrape of /metrics, and one streamed completion timed chunk by chunk
 (`stream_completion`); `Turns` lets its runs go one at a time. Every request has a timeout; every failure is an `EndpointError` with one
 sentence for the learner. Only the standard library, on the caller's thread.
@@ -13,14 +11,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
+from lab.endpoint_config import EndpointConfig, split_url
 CONNECT_TIMEOUT_S = 10.0  # an answer to a short request (models, tokenize, metrics, the probe)
 READ_TIMEOUT_S = 60.0  # the longest silence inside one streamed completion
 PROBE_PROMPT = "Hello"
@@ -28,50 +25,6 @@ PROBE_PROMPT = "Hello"
 
 class EndpointError(RuntimeError):
     """The endpoint failed or refused; the message is one sentence a learner can read."""
-
-
-def _split(url: str, what: str) -> tuple[str, str, int, str]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{what} must look like http://host:port, not {url[:80]!r}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, parts.hostname, port, parts.path.rstrip("/")
-
-
-@dataclass(frozen=True)
-class EndpointConfig:
-    """Where the external deployment is; read once from the environment at start-up."""
-
-    url: str  # LAB_ENDPOINT, e.g. http://10.0.0.5:8000 (a path prefix before /v1 is kept)
-    model: str | None = None  # LAB_ENDPOINT_MODEL; None: the first id /v1/models lists
-    metrics_url: str | None = None  # LAB_ENDPOINT_METRICS; None: no /metrics is read ("off")
-    api_key: str | None = field(default=None, repr=False)  # LAB_ENDPOINT_API_KEY, never shown
-
-    def __post_init__(self) -> None:
-        _split(self.url, "LAB_ENDPOINT")
-        if self.metrics_url is not None:
-            _split(self.metrics_url, "LAB_ENDPOINT_METRICS")
-
-    @property
-    def address(self) -> str:
-        """host:port, as the page names the endpoint."""
-        _scheme, host, port, _path = _split(self.url, "LAB_ENDPOINT")
-        return f"{host}:{port}"
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "EndpointConfig | None":
-        """The configured endpoint, or None when LAB_ENDPOINT is unset (the lab's own engine)."""
-        env = os.environ if env is None else env
-        url = env.get("LAB_ENDPOINT", "").strip().rstrip("/")
-        if not url:
-            return None
-        metrics = env.get("LAB_ENDPOINT_METRICS", "").strip()
-        if metrics.lower() in ("off", "none", "no", "0"):
-            metrics_url = None
-        else:
-            metrics_url = metrics or url + "/metrics"
-        return cls(url=url, model=env.get("LAB_ENDPOINT_MODEL", "").strip() or None,
-                   metrics_url=metrics_url, api_key=env.get("LAB_ENDPOINT_API_KEY") or None)
 
 
 @dataclass(frozen=True)
@@ -133,7 +86,7 @@ class EndpointClient:
 
     def __init__(self, config: EndpointConfig) -> None:
         self.config = config
-        self.scheme, self.host, self.port, self.prefix = _split(config.url, "LAB_ENDPOINT")
+        self.scheme, self.host, self.port, self.prefix = split_url(config.url, "LAB_ENDPOINT")
         self._info: EndpointInfo | None = None
         self._lock = threading.Lock()
         self.turns = Turns()
@@ -228,7 +181,7 @@ class EndpointClient:
         url = self.config.metrics_url
         if url is None:
             raise EndpointError("LAB_ENDPOINT_METRICS is off")
-        scheme, host, port, path = _split(url, "LAB_ENDPOINT_METRICS")
+        scheme, host, port, path = split_url(url, "LAB_ENDPOINT_METRICS")
         conn = self._connect((scheme, host, port), CONNECT_TIMEOUT_S)
         try:
             conn.request("GET", path or "/", headers=self._headers())

@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 from engine.records import Outcome, RequestRecord, Trace
 from engine.workload import Shape, draw_shape
-from lab.endpoint_client import EndpointClient, EndpointError, hang_up
+from lab.endpoint_client import (Completion, EndpointClient, EndpointError, EndpointInfo,
+                                 hang_up)
 from lab.endpoint_prompts import PromptMaker
 from lab.prometheus_text import MetricsSample, MetricsUnreadable, read_sample
 from lab.runs import RunKey
@@ -106,7 +107,7 @@ class EndpointRun:
             poller = threading.Thread(target=self._poll, args=(samples, t0), daemon=True,
                                       name="lab-endpoint-metrics")
             poller.start()
-        results: list = [None] * len(prompts)
+        results: list[Completion | None] = [None] * len(prompts)
         workers = self._dispatch(prompts, plan, results, t0)
         for w in workers:
             w.join(max(0.0, t0 + self.deadline_s - time.perf_counter()))
@@ -178,7 +179,9 @@ class EndpointRun:
             self._scrape(samples, time.perf_counter() - t0)
 
     # -- the record ----------------------------------------------------------------------------
-    def _trace(self, plan, results, samples, metrics_error, counted, miscount, info) -> Trace:
+    def _trace(self, plan: Shape, results: list[Completion | None],
+               samples: list[MetricsSample], metrics_error: str | None, counted: bool,
+               miscount: int | None, info: EndpointInfo) -> Trace:
         records = [record(i, p, o, c) for i, (p, o, c) in
                    enumerate(zip(plan.prompt_lens, plan.output_lens, results))]
         block = next((s.block_size for s in samples if s.block_size), None)
@@ -189,14 +192,13 @@ class EndpointRun:
                 "address": self.client.config.address, "concurrency": self.key.batch,
                 "prompt_tokens": "counted" if counted else "approximate",
                 "prompt_miscount": miscount, "ignore_eos": info.ignore_eos,
-                "metrics_error": metrics_error if self.client.config.metrics_url
-                else "LAB_ENDPOINT_METRICS is off",
+                "metrics_error": metrics_error,
                 "samples": [s.to_json() for s in samples]}},
             requests=records, steps=[], block_size=block or 0, num_blocks=0, block_bytes=0,
             kv_bytes_capacity=0, duration_s=duration)
 
 
-def record(i: int, prompt_tokens: int, max_tokens: int, done) -> RequestRecord:
+def record(i: int, prompt_tokens: int, max_tokens: int, done: Completion | None) -> RequestRecord:
     """A request's record from what the client saw: one timestamp per output token (a chunk
     that carried several, by the usage count, repeats its time; the usage count wins)."""
     r = RequestRecord(id=i, prompt_ids=[UNKNOWN_ID] * prompt_tokens, max_tokens=max_tokens,

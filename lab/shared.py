@@ -8,7 +8,8 @@ import functools
 import os
 
 from lab.classroom import Classroom
-from lab.endpoint_client import EndpointClient, EndpointConfig
+from lab.endpoint_client import EndpointClient
+from lab.endpoint_config import EndpointConfig
 from lab.endpoint_prompts import PromptMaker
 from lab.engine_client import EngineClient, TraceCache
 from lab.engine_process import start_engine

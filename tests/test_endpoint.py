@@ -19,7 +19,8 @@ from engine.records import Outcome
 from engine.server.prometheus import ServerMetrics
 from engine.server.tokenizer import for_model
 from lab import endpoint_client
-from lab.endpoint_client import EndpointClient, EndpointConfig
+from lab.endpoint_client import EndpointClient
+from lab.endpoint_config import EndpointConfig
 from lab.endpoint_demo import EndpointDemoController, check_endpoint_run
 from lab.endpoint_prompts import OPENING, WORDS, PromptMaker
 from lab.endpoint_run import EndpointRun, shape
