@@ -359,3 +359,13 @@ def test_the_whole_page_still_builds_against_the_labs_own_engine():
     with lab_engine() as (client, _lab):
         page = build_page(client, Limits(), query={"batch": "4"}, classroom=False)
         assert type(page.demo).__name__ == "DemoController" and page.demo.storyboard_note is None
+
+
+def test_the_endpoint_mode_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, lab.page, lab.shared, lab.endpoint_demo, lab.endpoint_run; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
