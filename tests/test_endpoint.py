@@ -300,6 +300,7 @@ def test_the_demo_measures_the_endpoint_and_says_what_it_cannot_show(engine_endp
     assert "/tokenize" in demo.banner.text and "approximated" not in demo.banner.text
     assert "does not expose" in demo.page_map.text and "does not expose" in demo.timeline.text
     assert "Peak KV cache use" in demo.kv_memory.text and "peak running" in demo.queue.text
+    assert "blocks of 4 tokens" in demo.kv_memory.text
     shown = demo.trace
     state.page = 64  # the deployment's setting: the same run, drawn from the cache
     assert demo.trace is shown and demo.run.status == "done"

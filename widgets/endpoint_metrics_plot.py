@@ -40,6 +40,10 @@ def endpoint_facts(trace: Trace) -> dict:
     return trace.config.get("endpoint", {}) if isinstance(trace.config, dict) else {}
 
 
+def _block_size(samples: list[dict]) -> int | None:
+    return next((s["block_size"] for s in samples if s.get("block_size")), None)
+
+
 def _peak(values: list[float]) -> tuple[int, float] | None:
     found = [(i, v) for i, v in enumerate(values) if v == v]
     return max(found, key=lambda p: p[1]) if found else None
@@ -52,6 +56,7 @@ class _SampledPlot(PlotComponent):
         super().__init__(**params)
         self.source = ColumnDataSource(data=empty(COLUMNS))
         self.unavailable: str | None = None
+        self.block_size: int | None = None  # from vllm:cache_config_info, when exported
 
     def reset(self) -> None:
         self.source.data = empty(COLUMNS)
@@ -62,12 +67,14 @@ class _SampledPlot(PlotComponent):
         if samples:
             self.source.stream(sample_columns(samples))
             self.unavailable = None
+            self.block_size = self.block_size or _block_size(samples)
             self.text = self._describe()
 
     def show(self, trace: Trace, summary: Summary, slo: SLO) -> None:
         facts = endpoint_facts(trace)
         self.unavailable = facts.get("metrics_error")
         self.source.data = sample_columns(facts.get("samples", []))
+        self.block_size = _block_size(facts.get("samples", []))
         self.text = self._describe()
 
     def _body(self) -> pn.pane.Bokeh:
@@ -105,10 +112,12 @@ class EndpointKVPlot(_SampledPlot):
             return ("The endpoint's /metrics has no KV cache gauge (vllm:kv_cache_usage_perc or "
                     "sglang:token_usage).")
         i, pct = peak
+        pages = (f" It stores KV in blocks of {self.block_size} tokens "
+                 "(vllm:cache_config_info)." if self.block_size else "")
         return (f"**Peak KV cache use {fmt_num(pct)} %** at {fmt_num(d['t'][i])} s, over "
-                f"{len(d['t'])} scrapes of the endpoint's /metrics. The endpoint reports a "
-                "fraction of its cache, not bytes: how many bytes that is depends on its model, "
-                "GPUs and memory settings, which the lab cannot see.")
+                f"{len(d['t'])} scrapes of the endpoint's /metrics.{pages} The endpoint reports "
+                "a fraction of its cache, not bytes: how many bytes that is depends on its "
+                "model, GPUs and memory settings, which the lab cannot see.")
 
 
 class EndpointQueuePlot(_SampledPlot):
