@@ -24,7 +24,7 @@ from lab.content import Content
 from lab.demo import DemoController
 from lab.prediction import grade, metric_value
 from widgets.base import served
-from widgets.style import MET, fmt_num, fmt_value, make_figure
+from widgets.style import MET, fmt_num, fmt_value, make_figure, plot_pane
 
 
 @dataclass(frozen=True)
@@ -110,8 +110,7 @@ class PresenterBar(_Bar):
             pn.FlexBox(self.buttons["broadcast"], self.control, self.buttons["poll"],
                        self.buttons["reveal"], self.buttons["end"], gap="6px",
                        align_items="flex-end"),
-            self.message, pn.pane.Bokeh(self.fig, sizing_mode="stretch_width",
-                                        css_classes=["poll-histogram"]),
+            self.message, plot_pane(self.fig, css_classes=["poll-histogram"]),
             self.counts, sizing_mode="stretch_width", css_classes=["classroom", "presenter-bar"],
             styles={"border": "2px solid #CC79A7", "border-radius": "6px", "padding": "4px"})
         self.draw(presenter.join(self.session))

@@ -17,7 +17,8 @@ from engine.config import SLO
 from engine.metrics import Summary, summarize
 from engine.records import Trace
 from widgets.base import PlotComponent
-from widgets.style import MET, MISSED, TARGET, add_hover, empty, fmt_num, legend_below, make_figure
+from widgets.style import (MET, MISSED, TARGET, add_hover, empty, fmt_num, legend_below,
+                           make_figure, plot_pane)
 
 ATTAINMENT_TARGET = 0.9  # DistServe's SLO attainment goal for the knee
 COLUMNS = ("rate", "goodput", "attainment", "throughput")
@@ -91,7 +92,7 @@ class GoodputRatePlot(PlotComponent):
         legend_below(self.fig, ncols=2)
 
     def _body(self) -> pn.pane.Bokeh:
-        return pn.pane.Bokeh(self.fig, sizing_mode="stretch_width")
+        return plot_pane(self.fig)
 
     def reset(self) -> None:
         """Forget the sweep (a new workload)."""

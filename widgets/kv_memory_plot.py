@@ -22,7 +22,7 @@ from engine.metrics import Summary
 from engine.records import StepRecord, Trace
 from widgets.base import PlotComponent
 from widgets.style import (MET, NEUTRAL, PREFILL, TARGET, RunInfo, add_hover, bytes_ticks, empty,
-                           fmt_bytes, fmt_num, legend_below, make_figure)
+                           fmt_bytes, fmt_num, legend_below, make_figure, plot_pane)
 
 REFERENCE = {"layers": 80, "h_kv": 8, "d_head": 128, "bytes_per_elem": 2}  # a 70B-class model
 NAN = float("nan")
@@ -109,8 +109,8 @@ class KVMemoryPlot(PlotComponent):
         add_hover(self.reference_fig, [ref_line], REFERENCE_TIPS)
 
     def _body(self) -> pn.Row:
-        return pn.Row(pn.pane.Bokeh(self.measured_fig, sizing_mode="stretch_width"),
-                      pn.pane.Bokeh(self.reference_fig, sizing_mode="stretch_width"),
+        return pn.Row(plot_pane(self.measured_fig),
+                      plot_pane(self.reference_fig),
                       sizing_mode="stretch_width")
 
     def reset(self) -> None:

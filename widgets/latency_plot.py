@@ -18,7 +18,8 @@ from engine.config import SLO
 from engine.metrics import Summary, meets, tpot_s, ttft_s
 from engine.records import Trace
 from widgets.base import PlotComponent
-from widgets.style import (MET, MISSED, TARGET, add_hover, empty, fmt_ms, fmt_num, make_figure)
+from widgets.style import (MET, MISSED, TARGET, add_hover, empty, fmt_ms, fmt_num, make_figure,
+                           plot_pane)
 
 STATUSES = ["met both SLOs", "missed an SLO"]
 NAN = float("nan")  # a one-token request's TPOT: Bokeh draws no mark for it
@@ -59,8 +60,8 @@ class LatencyPlot(PlotComponent):
         self.ttft_fig.xaxis.major_label_text_font_size = "0px"  # ids are read off the lower figure
 
     def _body(self) -> pn.Column:
-        return pn.Column(pn.pane.Bokeh(self.ttft_fig, sizing_mode="stretch_width"),
-                         pn.pane.Bokeh(self.tpot_fig, sizing_mode="stretch_width"),
+        return pn.Column(plot_pane(self.ttft_fig),
+                         plot_pane(self.tpot_fig),
                          sizing_mode="stretch_width")
 
     def reset(self) -> None:

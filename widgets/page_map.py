@@ -20,7 +20,8 @@ from engine.config import SLO
 from engine.metrics import Summary
 from engine.records import PageSnapshot, Trace
 from widgets.base import PlotComponent
-from widgets.style import NEUTRAL, PALETTE, add_hover, empty, fmt_num, make_figure
+from widgets.style import (NEUTRAL, PALETTE, add_hover, empty, fmt_num, make_figure,
+                           plot_pane)
 
 COLS = 32  # blocks per row
 MAX_CELLS = 1024
@@ -118,7 +119,7 @@ class PageMap(PlotComponent):
                                   width=400, margin=(10, 10))
 
     def _body(self) -> pn.Row:
-        return pn.Row(pn.pane.Bokeh(self.fig, sizing_mode="stretch_width"), self.table,
+        return pn.Row(plot_pane(self.fig), self.table,
                       sizing_mode="stretch_width")
 
     def reset(self) -> None:

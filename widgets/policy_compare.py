@@ -18,7 +18,8 @@ from bokeh.models import ColumnDataSource, DataRange1d, Range1d, Span
 from engine.config import SLO
 from engine.metrics import Summary, summarize
 from engine.records import Trace
-from widgets.style import DECODE, NEUTRAL, PREFILL, WAITING, add_hover, empty, fmt_num, make_figure
+from widgets.style import (DECODE, NEUTRAL, PREFILL, WAITING, add_hover, empty, fmt_num,
+                           make_figure, plot_pane)
 from widgets.summary_table import CSS as SUMMARY_CSS
 
 CSS = SUMMARY_CSS.replace("summary-table", "policy-table")  # the run summary's look
@@ -85,7 +86,7 @@ class PolicyComparison(pn.viewable.Viewer):
             self.figs[policy] = fig
         self._y_range = shared_y
         self._layout = pn.Column(
-            self.table, *(pn.pane.Bokeh(self.figs[p], sizing_mode="stretch_width")
+            self.table, *(plot_pane(self.figs[p])
                           for p in POLICIES),
             self.text_pane, name=self.plot_id, css_classes=["plot", self.plot_id],
             sizing_mode="stretch_width")

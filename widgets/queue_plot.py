@@ -19,7 +19,7 @@ from engine.metrics import Summary
 from engine.records import StepRecord, Trace
 from widgets.base import PlotComponent
 from widgets.style import (DECODE, MISSED, NEUTRAL, PREFILL, TARGET, RunInfo, add_hover, empty,
-                           legend_below, make_figure)
+                           legend_below, make_figure, plot_pane)
 
 COLUMNS = ("step", "running", "waiting")
 EVICT_COLUMNS = ("step", "running", "evicted")
@@ -57,7 +57,7 @@ class QueuePlot(PlotComponent):
         legend_below(self.fig, ncols=3)
 
     def _body(self) -> pn.pane.Bokeh:
-        return pn.pane.Bokeh(self.fig, sizing_mode="stretch_width")
+        return plot_pane(self.fig)
 
     def reset(self) -> None:
         """Clear for a new run."""

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from bokeh.models import CustomJSTickFormatter, HoverTool
+import panel as pn
+from bokeh.models import CustomJSTickFormatter, GlyphRenderer, HoverTool
 from bokeh.palettes import Colorblind8
 from bokeh.plotting import figure
 
@@ -74,6 +75,18 @@ def make_figure(title: str, x_label: str, y_label: str, height: int = PLOT_HEIGH
     p.yaxis.axis_label = y_label
     p.title.text_font_size = "13px"
     return p
+
+
+def plot_pane(fig: figure, **params: Any) -> pn.pane.Bokeh:
+    """A finished figure as a pane that stretches to its column's width.
+
+    Each glyph method of a figure also makes a copy of its glyph for "not selected" and one for
+    "muted"; nothing on this page selects or mutes, and Bokeh's browser side derives both
+    itself when they are left "auto". Leaving them so takes two models per renderer (some
+    fifty per page) off what every session builds and sends."""
+    for renderer in fig.select({"type": GlyphRenderer}):
+        renderer.update(nonselection_glyph="auto", muted_glyph="auto")
+    return pn.pane.Bokeh(fig, sizing_mode="stretch_width", **params)
 
 
 def legend_below(fig: figure, ncols: int) -> None:

@@ -18,7 +18,7 @@ from engine.metrics import Summary
 from engine.records import StepRecord, Trace
 from widgets.base import PlotComponent
 from widgets.style import (DECODE, PREFILL, RunInfo, add_hover, empty, fmt_ms, fmt_num,
-                           make_figure)
+                           make_figure, plot_pane)
 
 KINDS = ["carried prefill", "decode only"]
 COLUMNS = ("step", "start_s", "duration_ms", "prefill_tokens", "decode_seqs", "running",
@@ -78,8 +78,8 @@ class TimelinePlot(PlotComponent):
         add_hover(self.load_fig, [tokens], TOOLTIPS)
 
     def _body(self) -> pn.Column:
-        return pn.Column(pn.pane.Bokeh(self.duration_fig, sizing_mode="stretch_width"),
-                         pn.pane.Bokeh(self.load_fig, sizing_mode="stretch_width"),
+        return pn.Column(plot_pane(self.duration_fig),
+                         plot_pane(self.load_fig),
                          sizing_mode="stretch_width")
 
     def reset(self) -> None:

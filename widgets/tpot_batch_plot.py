@@ -18,7 +18,7 @@ from engine.metrics import Summary
 from engine.records import Trace
 from widgets.base import PlotComponent
 from widgets.style import (MET, MISSED, NEUTRAL, TARGET, add_hover, empty, fmt_ms, fmt_num,
-                           legend_below, make_figure)
+                           legend_below, make_figure, plot_pane)
 
 COLUMNS = ("batch", "tpot_ms")
 FLOOR_COLUMNS = ("batch", "memory_ms", "compute_ms", "floor_ms")
@@ -69,7 +69,7 @@ class TPOTBatchPlot(PlotComponent):
         legend_below(self.fig, ncols=2)
 
     def _body(self) -> pn.pane.Bokeh:
-        return pn.pane.Bokeh(self.fig, sizing_mode="stretch_width")
+        return plot_pane(self.fig)
 
     def reset(self) -> None:
         """Clear for a new run (the sweep starts over too)."""
