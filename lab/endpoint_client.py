@@ -129,6 +129,11 @@ class EndpointClient:
                 self._info = self._probe()
             return self._info
 
+    def forget(self) -> None:
+        """Look again before the next run (a failed run may mean the deployment changed)."""
+        with self._lock:
+            self._info = None
+
     def _probe(self) -> EndpointInfo:
         status, body = self.request("GET", "/v1/models")
         listed, max_len = None, None

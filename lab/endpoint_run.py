@@ -77,6 +77,7 @@ class EndpointRun:
                 trace = self._measure()
         except EndpointError as err:
             self.failure = str(err)
+            self.client.forget()
         except Exception as err:  # never a traceback on the page: one sentence, the log has it
             log.exception("endpoint run failed")
             self.failure = f"The run against the endpoint failed ({type(err).__name__})."

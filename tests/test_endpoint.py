@@ -149,7 +149,7 @@ class FakeEndpoint(tornado.web.RequestHandler):
         self.mode, self.seen = mode, seen
 
     async def get(self) -> None:
-        self.seen.append(dict(self.request.headers))
+        self.seen.append({**self.request.headers, ":path": self.request.path})
         if self.request.path == "/v1/models":
             self.finish({"data": [{"id": "fake"}]})
         elif self.mode == "hang-metrics":
@@ -158,7 +158,7 @@ class FakeEndpoint(tornado.web.RequestHandler):
             self.set_status(404)
 
     async def post(self) -> None:
-        self.seen.append(dict(self.request.headers))
+        self.seen.append({**self.request.headers, ":path": self.request.path})
         body = json.loads(self.request.body)
         if self.request.path == "/tokenize":
             self.set_status(404)
@@ -224,6 +224,17 @@ def test_no_answer_at_all_times_out_with_a_message():
     refused = EndpointClient(EndpointConfig(url="http://127.0.0.1:9"))
     outcome = run_once(refused, KEY)
     assert "did not answer GET /v1/models" in outcome.error
+
+
+def test_after_a_failed_run_the_endpoint_is_looked_at_again():
+    app, seen = fake("500")
+    try:
+        client = EndpointClient(EndpointConfig(url=app.url))
+        for _ in range(2):
+            assert "HTTP 500" in run_once(client, KEY).error
+        assert [h[":path"] for h in seen].count("/v1/models") == 2  # asked before each run
+    finally:
+        app.close()
 
 
 # -- against a real engine server ----------------------------------------------------------
