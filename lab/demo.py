@@ -6,6 +6,9 @@ it streams back (queue position, steps, the finished trace) are read on a client
 this session's inbox; the session's ticker (lab/ticker.py) drains the inbox on the session's event
 loop and sets the `RunState` the plots follow. Nothing here touches a Bokeh model from another
 thread. SLO changes only re-judge the last trace: no rerun.
+
+`EndpointDemoController` (lab/endpoint_demo.py) measures an external deployment instead by
+replacing five methods: `_make_plots`, `run_key`, `_why_not`, `_open_stream` and `_label_run`.
 """
 from __future__ import annotations
 
