@@ -84,8 +84,9 @@ def plot_pane(fig: figure, **params: Any) -> pn.pane.Bokeh:
     "muted"; nothing on this page selects or mutes, and Bokeh's browser side derives both
     itself when they are left "auto". Leaving them so takes two models per renderer (some
     fifty per page) off what every session builds and sends."""
-    for renderer in fig.select({"type": GlyphRenderer}):
-        renderer.update(nonselection_glyph="auto", muted_glyph="auto")
+    for renderer in fig.renderers:  # the figure's own list: no walk over its whole graph
+        if isinstance(renderer, GlyphRenderer):
+            renderer.update(nonselection_glyph="auto", muted_glyph="auto")
     return pn.pane.Bokeh(fig, sizing_mode="stretch_width", **params)
 
 
