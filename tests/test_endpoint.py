@@ -19,11 +19,11 @@ from engine.records import Outcome
 from engine.server.prometheus import ServerMetrics
 from engine.server.tokenizer import for_model
 from lab import endpoint_client
-from lab.endpoint_client import EndpointClient
+from lab.endpoint_client import Completion, EndpointClient
 from lab.endpoint_config import EndpointConfig
-from lab.endpoint_demo import EndpointDemoController, check_endpoint_run
+from lab.endpoint_demo import EndpointDemoController, banner_text, check_endpoint_run
 from lab.endpoint_prompts import OPENING, WORDS, PromptMaker
-from lab.endpoint_run import EndpointRun, shape
+from lab.endpoint_run import EndpointRun, record, shape
 from lab.prometheus_text import (MetricsUnreadable, interval_mean, parse, read_sample)
 from lab.runs import Limits, RunKey
 from lab.state import LabState
@@ -127,6 +127,28 @@ def test_prompts_are_synthetic_words_of_the_asked_token_count():
     assert maker.check(prompts[1], 40) is None and maker.check(prompts[1], 41) == 40
     approx, vocab = PromptMaker(lambda text: None).prompts([10], seed=0)
     assert not vocab.counted and len(approx[0].split()) == 10
+
+
+def test_a_records_token_times_follow_the_usage_count_and_an_empty_reply_is_a_miss():
+    exact = record(0, 8, 3, Completion(sent_s=1.0, chunk_times_s=[1.2, 1.3, 1.4], usage_tokens=3))
+    assert exact.finished and exact.token_times_s == [1.2, 1.3, 1.4] and exact.first_token_s == 1.2
+    merged = record(1, 8, 4, Completion(sent_s=0.0, chunk_times_s=[0.2, 0.5], usage_tokens=4))
+    assert merged.token_times_s == [0.2, 0.5, 0.5, 0.5] and len(merged.output_ids) == 4
+    extra = record(2, 8, 2, Completion(sent_s=0.0, chunk_times_s=[0.2, 0.3, 0.4], usage_tokens=2))
+    assert extra.token_times_s == [0.2, 0.4] and extra.finish_s == 0.4  # the last chunk ends it
+    assert record(3, 8, 2, Completion(sent_s=0.0)).rejected == "the endpoint sent no tokens"
+    assert not record(4, 8, 2, None).finished
+
+
+def test_the_banner_says_when_prompt_lengths_are_approximated():
+    from engine.records import Trace
+
+    trace = Trace(device="the endpoint h:1", model="m", config={}, requests=[], steps=[],
+                  block_size=0, num_blocks=0, block_bytes=0, kv_bytes_capacity=0)
+    text = banner_text(trace, {"prompt_tokens": "approximate", "ignore_eos": False})
+    assert "approximated from text" in text and "ignore_eos" in text and "h:1" in text
+    assert "approximated" not in banner_text(trace, {"prompt_tokens": "counted",
+                                                     "ignore_eos": True})
 
 
 # -- configuration ---------------------------------------------------------------------------
