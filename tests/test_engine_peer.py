@@ -76,7 +76,7 @@ def engine() -> LLMEngine:
 @pytest.fixture(scope="module")
 def peer(engine: LLMEngine):
     hf = transformers.LlamaForCausalLM(hf_config(CFG, attn_implementation="eager")).eval()
-    # The engine keeps CPU weights as transposed views; copy them out contiguous.
+    # The engine keeps CPU weights as views into one arena; copy them out.
     state = {k: v.detach().contiguous() for k, v in engine.model.state_dict().items()}
     hf.load_state_dict(state, strict=True)
     return hf
