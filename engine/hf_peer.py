@@ -40,7 +40,7 @@ def plain_state(model: Llama) -> dict[str, torch.Tensor]:
     """The model's state_dict in plain tensors of their own (the engine keeps its CPU weights as
     views into one arena, q/k/v and gate/up as slices of fused matrices); a tied LM head once,
     as the embedding."""
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
