@@ -32,6 +32,7 @@ class EndpointInfo:
     """What one look at the endpoint found, before any run."""
 
     model: str
+    model_from: str  # where its name came from: "its /v1/models" or "LAB_ENDPOINT_MODEL"
     max_model_len: int | None  # from /v1/models or /tokenize, when the endpoint says
     tokenize: bool  # POST /tokenize counts tokens (vLLM, engine serve)
     ignore_eos: bool  # completions accept ignore_eos: every reply has its full length
@@ -154,7 +155,9 @@ class EndpointClient:
         if not ignore_eos and not self._accepts({}, model):
             raise EndpointError(f"The endpoint {self.config.address} refused a one-token "
                                 f"completion for model {model!r}.")
-        return EndpointInfo(model=model, max_model_len=int(max_len) if max_len else None,
+        named_by = "LAB_ENDPOINT_MODEL" if self.config.model else "its /v1/models"
+        return EndpointInfo(model=model, model_from=named_by,
+                            max_model_len=int(max_len) if max_len else None,
                             tokenize=counted is not None, ignore_eos=ignore_eos)
 
     def _accepts(self, extra: dict, model: str) -> bool:

@@ -166,8 +166,9 @@ class EndpointDemoController(DemoController):
 
 def banner_text(trace: Trace, facts: dict) -> str:
     """Which endpoint and model measured the numbers, and how the prompts were sized."""
-    text = (f"**Measured on {trace.device}** · model **{trace.model}** (from its /v1/models) · "
-            "timed on the lab's side of the network")
+    text = (f"**Measured on {trace.device}** · model **{trace.model}** (named by "
+            f"{facts.get('model_from', 'its /v1/models')}) · timed on the lab's side of the "
+            "network")
     if facts.get("prompt_tokens") == "counted":
         text += " · prompt lengths counted by the endpoint's /tokenize"
         if facts.get("prompt_miscount") is not None:

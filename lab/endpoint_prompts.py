@@ -1,7 +1,9 @@
 """Synthetic prompts of a given length in tokens, for an external endpoint.
 
-A learner's text never goes to the endpoint: every prompt is common English words drawn, seeded,
-from `WORDS`. Where the endpoint counts tokens (vLLM's POST /tokenize), the words are measured
+A learner's text never goes to the endpoint: every prompt is common English words drawn from
+`WORDS`, afresh for each run (the lengths and arrivals are the seeded ones): a deployment's prefix
+cache, on by default in vLLM, must not find one run's prompts, or another learner's, already
+computed, which would cut TTFT to a fraction of a real first request's. Where the endpoint counts tokens (vLLM's POST /tokenize), the words are measured
 once per page process: the tokens each adds after the opening word. Tokenizers split text at
 spaces before merging (byte-level BPE and SentencePiece alike), so a prompt made of one-token
 words has exactly as many tokens as the opening word's count plus one per word. The first prompt
@@ -65,10 +67,12 @@ class PromptMaker:
                 self._vocab = measure(self._count) if self._count is not None else APPROXIMATE
             return self._vocab
 
-    def prompts(self, lengths: list[int], seed: int) -> tuple[list[str], Vocabulary]:
-        """One prompt per length, seeded and different from each other from the second word."""
+    def prompts(self, lengths: list[int], seed: int | None = None
+                ) -> tuple[list[str], Vocabulary]:
+        """One prompt per length, different from each other from the second word (fresh words
+        unless a `seed` is given, as tests do)."""
         vocab = self.vocabulary()
-        rng = np.random.default_rng([seed, len(lengths)])
+        rng = np.random.default_rng(seed)
         out = []
         for n in lengths:
             picks = rng.integers(0, len(vocab.words), size=max(n - vocab.opening_tokens, 0))

@@ -98,7 +98,7 @@ class EndpointRun:
             raise EndpointError(f"At {longest} tokens the longest request is past the "
                                 f"{info.max_model_len} the endpoint's model takes; lower the "
                                 "context or output.")
-        prompts, vocab = self.prompt_maker.prompts(plan.prompt_lens, seed=self.key.repeat)
+        prompts, vocab = self.prompt_maker.prompts(plan.prompt_lens)  # fresh words each run
         miscount = self.prompt_maker.check(prompts[0], plan.prompt_lens[0])
         samples: list[MetricsSample] = []
         metrics_error = self._scrape(samples, 0.0, first=True)
@@ -190,7 +190,8 @@ class EndpointRun:
         return Trace(
             device=f"the endpoint {self.client.config.address}", model=info.model,
             config={"endpoint": {
-                "address": self.client.config.address, "concurrency": self.key.batch,
+                "address": self.client.config.address, "model_from": info.model_from,
+                "concurrency": self.key.batch,
                 "prompt_tokens": "counted" if counted else "approximate",
                 "prompt_miscount": miscount, "ignore_eos": info.ignore_eos,
                 "metrics_error": metrics_error,

@@ -124,6 +124,8 @@ def test_prompts_are_synthetic_words_of_the_asked_token_count():
     assert [len(codec.encode(p)) for p in prompts] == [5, 40, 40, 120]
     allowed = {OPENING, *WORDS}
     assert all(set(p.split()) <= allowed for p in prompts)  # nothing but the lab's own words
+    again, _ = maker.prompts([40, 40])  # each run draws afresh: no prefix shared past one word
+    assert again[0].split()[1:11] != prompts[1].split()[1:11]
     assert maker.check(prompts[1], 40) is None and maker.check(prompts[1], 41) == 40
     approx, vocab = PromptMaker(lambda text: None).prompts([10], seed=0)
     assert not vocab.counted and len(approx[0].split()) == 10
