@@ -18,7 +18,8 @@ from engine.config import SLO
 from engine.metrics import Summary
 from engine.records import Trace
 from widgets.base import PlotComponent
-from widgets.style import DECODE, MET, PREFILL, add_hover, empty, fmt_num, make_figure
+from widgets.style import (DECODE, MET, PREFILL, add_hover, empty, fmt_num, make_figure,
+                           plot_pane)
 
 COLUMNS = ("t", "kv_pct", "running", "waiting")
 NAN = float("nan")
@@ -78,7 +79,7 @@ class _SampledPlot(PlotComponent):
         self.text = self._describe()
 
     def _body(self) -> pn.pane.Bokeh:
-        return pn.pane.Bokeh(self.fig, sizing_mode="stretch_width")  # made by the subclass
+        return plot_pane(self.fig)  # the figure is the subclass's
 
     def _describe(self) -> str:
         raise NotImplementedError
