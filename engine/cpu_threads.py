@@ -6,15 +6,16 @@ run on), the compiled loops' (numba's, also OpenMP: `engine.kernels.cpu_jit`) an
 OpenBLAS. A pool left at one thread per core busy-waits between its jobs on the cores another
 needs, and a decode step then takes several times as long. So the heavy arithmetic of a run goes
 to torch and the compiled loops, which take turns (a decode step's products and attention are
-compiled loops up to 16 sequences; prefill and larger batches use torch), and OpenMP's threads
+compiled loops up to 12 or 16 sequences; prefill and larger batches use torch), and OpenMP's threads
 sleep when idle (`quiet_openmp`); numpy is left the small per-sequence arithmetic, which gains
 nothing from threads, and runs with one OpenBLAS thread (OpenBLAS also repacks a whole weight
 matrix on every call of two rows or more, so no product goes through it).
 
 How many threads a run's products get is the process's setting of "BLAS threads"
 (`set_blas_threads`, the CLI's `--cpu-threads`, the lab's `LAB_CPU_THREADS`), one per core unless
-told otherwise; `engine_threads` moves it onto torch's and numba's pools for the run and restores them
-when the run ends (the benchmark's probe keeps every torch thread). When another process wants a
+told otherwise; `engine_threads` moves it onto torch's and numba's pools for the run and restores
+them when the run ends (the benchmark's probe keeps every torch thread; the engine server's is
+taken inside `engine_threads`, on the runs' threads). When another process wants a
 core, threads of one job wait on each other and a step stretches, so a server that also renders
 pages may run the engine on fewer threads. The measurements behind each choice are in
 docs/benchmarks.md ("One torch thread during runs", "Under contention").
@@ -65,14 +66,21 @@ def engine_threads(device: torch.device) -> Iterator[None]:
 
     n = blas_threads()
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    # numba first: the first use of its OpenMP pool can reset OpenMP's thread count, which is
+    # also torch's (both load the same libgomp), so torch's is set after it, both ways.
     compiled_before = cpu_jit.set_threads(n)
+    torch.set_num_threads(n)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
             yield
     finally:
-        torch.set_num_threads(before)
         cpu_jit.set_threads(compiled_before)
+        torch.set_num_threads(before)
+
+
+def cpu_label(threads: int) -> str:
+    """How the page and the CLI name a CPU that runs on `threads` threads."""
+    return f"CPU: {threads} thread{'s' if threads != 1 else ''}"
 
 
 def usable_cores() -> int:

@@ -15,6 +15,7 @@ import torch
 
 from engine.analytic import DeviceProbe
 from engine.config import dtype_for
+from engine.cpu_threads import cpu_label
 
 
 def _times(fn, device: torch.device, repeats: int) -> list[float]:
@@ -35,9 +36,15 @@ def _times(fn, device: torch.device, repeats: int) -> list[float]:
     return times
 
 
-@functools.lru_cache(maxsize=None)
 def probe(device_type: str = "cpu") -> DeviceProbe:
-    """Measure the device once per process (the cache is the sharing, on purpose)."""
+    """Measure the device once per process and, on the CPU, per number of torch threads: a
+    one-thread engine's floors are one core's reads and arithmetic (the cache is the sharing, on
+    purpose)."""
+    return _probe(device_type, torch.get_num_threads() if device_type == "cpu" else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(device_type: str, _threads: int) -> DeviceProbe:
     device = torch.device(device_type)
     cuda = device.type == "cuda"
     n_bytes = (1 << 30) if cuda else (256 << 20)  # far beyond any cache level
@@ -51,6 +58,6 @@ def probe(device_type: str = "cpu") -> DeviceProbe:
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     t_mm = statistics.median(_times(lambda: a @ b, device, repeats=5))
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU: {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if cuda else cpu_label(torch.get_num_threads())
     return DeviceProbe(device=name, bandwidth_gbs=statistics.median(reads),
                        matmul_tflops=2 * n**3 / t_mm / 1e12, read_samples_gbs=tuple(reads))

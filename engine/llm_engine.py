@@ -26,7 +26,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for
 from engine.config import ConfigError, EngineConfig, dtype_for
-from engine.cpu_threads import blas_threads, engine_threads
+from engine.cpu_threads import blas_threads, cpu_label, engine_threads
 from engine.kv_cache import KVCache
 from engine.model import Llama
 from engine.records import PageSnapshot, RequestRecord, ScheduledItem, StepRecord, Trace
@@ -57,8 +57,7 @@ def describe_device(device: torch.device) -> str:
     """What the page and the CLI print as the measuring device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    n = blas_threads()  # the engine's CPU threads: runs do the step's products on this many
-    return f"CPU: {n} thread{'s' if n != 1 else ''}"
+    return cpu_label(blas_threads())  # runs do the step's products on this many
 
 
 class LLMEngine:

@@ -260,15 +260,15 @@ def test_engine_runs_products_on_torch_and_compiled_threads_and_openblas_on_one(
         cpu_jit.set_threads(compiled_before)
 
 
-@pytest.mark.parametrize("lens", [[5, 9, 3, 12, 7], [4] * (cpu_products.SMALL_BATCH_ROWS + 1)])
+@pytest.mark.parametrize("lens", [[5, 9, 3, 12, 7], [4] * 17])  # 17: MKL on any threads
 def test_a_decode_step_reads_each_weight_once_through_products_made_once(
         model: Llama, decoder: CpuDecoder, lens: list[int], monkeypatch) -> None:
     """What batched decode's speed rests on: every weight matrix has one product object, made
     once when the decoder is built and reading the weight's own memory (nothing is copied or
-    repacked per call); a step of B sequences calls each of them once with all B rows, through the
-    compiled loop up to SMALL_BATCH_ROWS rows and torch's BLAS past it (never numpy's OpenBLAS,
-    which repacks a matrix on every call of 2+ rows), and the compiled loop is compiled once for
-    every batch size. Attention reads the cache itself, not a gathered copy."""
+    repacked per call); a step of B sequences calls each of them once with all B rows, through
+    the compiled loop up to `most_compiled_rows()` rows and torch's BLAS past it (never numpy's
+    OpenBLAS, which repacks a matrix on every call of 2+ rows), and the compiled loop is compiled
+    once for every batch size. Attention reads the cache itself, not a gathered copy."""
     products = [decoder.lm_head] + [p for w in decoder.layers for p in (w.qkv, w.o, w.gate_up,
                                                                          w.down)]
     assert len({id(p) for p in products}) == 4 * CFG.num_hidden_layers + 1

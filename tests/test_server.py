@@ -247,3 +247,21 @@ def test_streamed_text_adds_up_to_the_whole_text():
         detok = Detokenizer(codec)
         deltas = [detok.add([t], i == len(ids) - 1) for i, t in enumerate(ids)]
         assert "".join(deltas) == codec.decode(ids)
+
+
+def test_the_lab_routes_probe_the_cpu_on_the_threads_runs_get():
+    """The floors the page draws come from this probe: a server started with --cpu-threads 1
+    must measure one core's reads and arithmetic, not every core's."""
+    from engine.cpu_threads import blas_threads, set_blas_threads
+    from engine.server.lab_routes import LabRuns
+
+    before = blas_threads()
+    set_blas_threads(1)
+    try:
+        lab = LabRuns(device="cpu", kv_cap_bytes=64 * 2**20, max_run_s=5.0)
+        try:
+            assert lab.info()["probe"]["device"] == "CPU: 1 thread"
+        finally:
+            lab.stop()
+    finally:
+        set_blas_threads(before)

@@ -47,6 +47,11 @@ kernel = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True,
 prange = numba.prange
 
 
+def threads() -> int:
+    """The compiled loops' threads for the calling thread."""
+    return numba.get_num_threads()
+
+
 def set_threads(n: int) -> int:
     """Size numba's pool for the calling thread at `n` (at most what it was started with);
     returns the size it had."""

@@ -6,7 +6,7 @@ reading the matrices. Two libraries were measured and both read more than the ma
   more, so batch 2 cost three times batch 1;
 - torch's MKL packs too, less wastefully: a step's products at batch 8 took two to three times
   as long as reading the weights once.
-So up to `SMALL_BATCH_ROWS` rows the product is `rows_times_weight`, a compiled loop
+So up to `most_compiled_rows()` rows (12 or 16) the product is `rows_times_weight`, a compiled loop
 (`engine.kernels.cpu_jit`) that reads each weight row once, in place, and multiplies it by every
 input row while it is in the core's cache. Past that, the work per weight read is high enough that
 MKL's tuned blocking wins, and the product goes through torch. Figures: docs/benchmarks.md,
@@ -20,11 +20,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.kernels import cpu_jit
 from engine.kernels.cpu_jit import kernel, prange
 
-# The most rows the compiled loop takes; more go to MKL. Measured crossover on the development
-# box: the loop is faster up to 16 rows, MKL from 32 (docs/benchmarks.md, "Compiled loops").
-SMALL_BATCH_ROWS = 16
+
+
+def most_compiled_rows() -> int:
+    """The most rows the compiled loop takes; more go to MKL. Measured crossover on the
+    development box (docs/benchmarks.md, "Compiled loops"): the loop is faster up to 12 rows on
+    one thread and up to 16 on two; past that, MKL is."""
+    return 12 if cpu_jit.threads() == 1 else 16
 
 
 @kernel
@@ -105,7 +110,7 @@ class WeightProduct:
         self.rows = self.weight.numpy()  # the same memory, as the compiled loop reads it
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] > SMALL_BATCH_ROWS:
+        if x.shape[0] > most_compiled_rows():
             return torch.nn.functional.linear(torch.from_numpy(x), self.weight).numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.rows.shape[0]), np.float32)

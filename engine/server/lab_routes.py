@@ -33,6 +33,7 @@ import tornado.web
 from tornado.iostream import StreamClosedError
 
 from engine.config import ConfigError
+from engine.cpu_threads import engine_threads
 from engine.device_probe import probe
 from engine.kernels import cpu_jit
 from engine.llm_engine import describe_device
@@ -60,7 +61,10 @@ class LabRuns:
         self.queue = RunQueue()
         self.kv_cap_bytes = kv_cap_bytes or int(float(env.get("LAB_KV_BUDGET_MB", 256)) * 2**20)
         self.max_run_s = max_run_s or float(env.get("LAB_MAX_RUN_S", 20.0))
-        self.probe = probe(self.shelf.device.type)  # measured now, before any run competes
+        # Measured now, before any run competes, and on the threads runs get (`--cpu-threads`):
+        # the floors the page draws are for the engine as it runs, not for every core.
+        with engine_threads(self.shelf.device):
+            self.probe = probe(self.shelf.device.type)
         if self.shelf.device.type == "cpu":  # compiled (or loaded from numba's cache) now, so
             cpu_jit.warm_up()  # that no learner's first run waits for it
         self.hub = ClassroomHub.from_env()  # the class every page process of the lab shares
