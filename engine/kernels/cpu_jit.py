@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import time
 
 
 def wide_vectors() -> None:
@@ -45,6 +47,7 @@ import numba  # noqa: E402  (after wide_vectors, on purpose)
 kernel = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True, nogil=True,
                            boundscheck=False)
 prange = numba.prange
+COMPILE_NOTE_S = 3.0  # a warm-up slower than this compiled (loading takes about one second)
 
 
 def threads() -> int:
@@ -62,15 +65,22 @@ def set_threads(n: int) -> int:
 
 @functools.cache
 def warm_up() -> None:
-    """Compile or load every kernel once in this process (the first call of each compiles)."""
+    """Compile or load every kernel once in this process (the first call of each compiles).
+    A compile (the first start after an install or an edit) takes seconds, and says so."""
     import numpy as np
 
     from engine.kernels.cpu_attention import paged_attention
     from engine.kernels.cpu_products import rows_times_weight
 
+    started = time.perf_counter()
     rows = np.ones((5, 8), np.float32)
     rows_times_weight(rows, np.ones((6, 8), np.float32), np.empty((5, 6), np.float32))
     cache = np.ones((3, 2, 1, 8), np.float32)
     q = np.ones((2, 1, 2, 8), np.float32)
     paged_attention(q, cache, cache, np.zeros((2, 2), np.int64), np.array([3, 1], np.int64),
                     np.empty_like(q))
+    took = time.perf_counter() - started
+    if took > COMPILE_NOTE_S:
+        print(f"[engine] compiled the CPU decode loops in {took:.1f} s; numba keeps them beside "
+              "their source, so later starts load them in about a second", file=sys.stderr,
+              flush=True)
