@@ -16,7 +16,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for, pad_tables
 from engine.config import PRESETS
-from engine.kernels import cpu_attention, cpu_decode, cpu_products
+from engine.kernels import cpu_attention, cpu_layer_ops, cpu_math, cpu_products
 from engine.kernels.cpu_backend import HugePageArena
 from engine.kernels.cpu_decode import CpuDecoder
 from engine.kernels.paged_attention import paged_decode_attention_ref
@@ -124,36 +124,61 @@ def _rows(seed: int, *shape: int) -> np.ndarray:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-@pytest.mark.parametrize("batch", [1, 5])  # batch 1 has its own branch
-def test_rms_norm_matches_its_twin(model: Llama, batch: int) -> None:
+@pytest.mark.parametrize("batch", [1, 5])
+def test_rms_norms_match_their_twin(model: Llama, batch: int) -> None:
+    """The norm alone, and fused with the residual add before it."""
     norm = model.model.layers[0].input_layernorm
-    x = _rows(batch, batch, CFG.hidden_size) * 3
-    got = cpu_decode.rms_norm(x, norm.weight.detach().numpy(), norm.eps)
+    x, delta = _rows(batch, batch, CFG.hidden_size) * 3, _rows(9, batch, CFG.hidden_size)
+    weight = norm.weight.detach().numpy()
+    got = np.empty_like(x)
+    cpu_layer_ops.rms_norm_into(x, weight, norm.eps, got)
     torch.testing.assert_close(torch.from_numpy(got), norm(torch.from_numpy(x)), atol=1e-6,
                                rtol=1e-6)
+    h = x.copy()
+    cpu_layer_ops.add_rms_norm(h, delta, weight, norm.eps, got)
+    np.testing.assert_array_equal(h, x + delta)  # the residual stream, updated in place
+    torch.testing.assert_close(torch.from_numpy(got), norm(torch.from_numpy(x + delta)),
+                               atol=1e-6, rtol=1e-6)
 
 
-def test_rotate_matches_its_twin(model: Llama) -> None:
-    positions = torch.tensor([0, 7, 300])
-    x = _rows(1, 3, CFG.num_attention_heads, CFG.head_dim)
-    cos, sin = model.rotary(positions, torch.float32)  # (3, 1, D) each
-    got = cpu_decode.rotate(x, cos.numpy(), sin.numpy())
-    torch.testing.assert_close(torch.from_numpy(got), rotate(torch.from_numpy(x), cos, sin),
-                               atol=1e-6, rtol=0)
+def test_rotation_and_cache_write_match_their_twins(model: Llama) -> None:
+    """`rope_into_cache` against `rotate`, the scaling and the cache write of the torch path."""
+    hq, hkv, d = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+    positions, slots = np.array([0, 7, 300]), np.array([5, 0, 9])  # pages of 4: blocks 1, 0, 2
+    qkv = _rows(1, 3, (hq + 2 * hkv) * d)
+    keys, values = np.zeros((2, 3, 4, hkv, d), np.float32)
+    q = np.empty((3, hq, d), np.float32)
+    cpu_layer_ops.rope_into_cache(qkv, model.rotary.cos.numpy(), model.rotary.sin.numpy(),
+                                  positions, slots, keys, values, np.float32(d ** -0.5), q)
+    cos, sin = model.rotary(torch.from_numpy(positions), torch.float32)  # (3, 1, D) each
+    heads = torch.from_numpy(qkv).reshape(3, hq + 2 * hkv, d)
+    want = rotate(heads[:, :hq + hkv], cos, sin)
+    torch.testing.assert_close(torch.from_numpy(q), want[:, :hq] * d ** -0.5, atol=1e-6, rtol=0)
+    flat_k, flat_v = keys.reshape(-1, hkv, d), values.reshape(-1, hkv, d)
+    torch.testing.assert_close(torch.from_numpy(flat_k[slots]), want[:, hq:], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(flat_v[slots], qkv[:, (hq + hkv) * d:].reshape(3, hkv, d))
+    others = np.setdiff1d(np.arange(12), slots)
+    assert not flat_k[others].any() and not flat_v[others].any()  # nothing else written
 
 
 def test_swiglu_matches_its_twin(model: Llama, decoder: CpuDecoder) -> None:
-    """The MLP as the numpy step runs it (fused product, swiglu, down) against `MLP.forward`."""
+    """The MLP as the compiled step runs it (fused product, SwiGLU, down) against `MLP.forward`,
+    with gates from far below zero to far above."""
     x = _rows(2, 4, CFG.hidden_size)
+    x[0] *= 300  # gates past +-88, where exp(-gate) overflows float32
     w = decoder.layers[1]
-    got = w.down(cpu_decode.swiglu(w.gate_up(x)))
-    torch.testing.assert_close(torch.from_numpy(got), model.model.layers[1].mlp(
+    gate_up = w.gate_up(x)
+    mid = np.empty((4, gate_up.shape[1] // 2), np.float32)
+    cpu_layer_ops.swiglu_into(gate_up, mid)
+    assert np.abs(gate_up[0]).max() > 100
+    torch.testing.assert_close(torch.from_numpy(w.down(mid)), model.model.layers[1].mlp(
         torch.from_numpy(x)), atol=1e-5, rtol=1e-4)  # compiled products: sums reordered
 
 
-@pytest.mark.parametrize("lens", [[9], [3, 17, 1, 40]])
-def test_paged_decode_attention_matches_its_twin(lens: list[int]) -> None:
-    block_size, hkv, group, d = 4, 2, 3, 8
+@pytest.mark.parametrize("d", [8, 64])  # 64: the head size the kernel spells out
+@pytest.mark.parametrize("lens", [[9], [3, 17, 1, 40], [3, 17, 1, 40, 6, 1]])  # split by head
+def test_paged_decode_attention_matches_its_twin(lens: list[int], d: int) -> None:  # or not
+    block_size, hkv, group = 4, 2, 3
     cache = _rows(5, 2, 30, block_size, hkv, d)  # K and V: (2, NB, P, Hkv, D)
     order = np.random.default_rng(0).permutation(30).tolist()
     tables, start = [], 0
@@ -169,6 +194,16 @@ def test_paged_decode_attention_matches_its_twin(lens: list[int]) -> None:
                                       torch.tensor(lens), d ** -0.5)
     torch.testing.assert_close(torch.from_numpy(got).reshape(want.shape), want, atol=1e-5,
                                rtol=0)
+
+
+def test_the_kernels_exponential_is_float32_exact_below_zero() -> None:
+    """`exp_below_zero` against numpy's exp over a softmax's whole range, far tails included."""
+    x = np.concatenate([np.linspace(-100, 0, 20001, dtype=np.float32),
+                        np.float32([-1e30, -87.5, -1e-7, 0.0])])
+    got = x.copy()
+    cpu_math.exp_below_zero(got, np.empty(x.size, np.int32), x.size)
+    want = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=2e-38)
 
 
 def test_runner_numpy_and_torch_paths_sample_and_cache_alike(model: Llama) -> None:

@@ -2,19 +2,37 @@
 
 Torch twin: `engine.kernels.paged_attention.paged_decode_attention_ref`.
 
-Each (sequence, K/V head) pair is one job for the thread pool. A job walks the sequence's
-tokens through its page table and reads each K and V row where it lies in the cache: nothing is
-gathered into a copy first, so a step reads every cached byte once. For each token the group's
-query heads (which share the K/V head) are scored together, so the K row is loaded once per group.
-The softmax is the plain two-pass one over the job's scores, which stay in the core's cache.
+Each sequence is one job for the thread pool (with fewer sequences than would keep the threads
+busy, each K/V head of a sequence is). A job walks the sequence's page table page by page and
+reads every K and V row where it lies in the cache: nothing is gathered into a copy first, so a
+step reads every cached byte once. A token's K/V rows for all heads sit side by side, and so do
+a page's tokens, so a job reads each page as one run of memory that the hardware prefetcher can
+follow (one job per (sequence, head) read rows a kilobyte apart, and waited on memory for each:
+docs/benchmarks.md, "Attention reads pages front to back").
+
+Within a job, each token's K row is loaded once for the group's query heads that share it; the
+softmax is the plain two-pass one over the job's scores, which stay in the core's cache, with the
+exponential computed by `cpu_math.exp_below_zero` so that the loop stays in vector instructions.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from engine.kernels.cpu_jit import kernel, prange
+from engine.kernels.cpu_jit import inline, kernel, prange
+from engine.kernels.cpu_math import exp_below_zero
+
+@inline
+def dot(a, b, d_head):
+    """a[:d_head] . b[:d_head]; the usual head size is spelled out so the compiler unrolls it
+    into whole vector instructions."""
+    s = np.float32(0)
+    if d_head == 64:
+        for d in range(64):
+            s += a[d] * b[d]
+    else:
+        for d in range(d_head):
+            s += a[d] * b[d]
+    return s
 
 
 @kernel
@@ -23,38 +41,47 @@ def paged_attention(q, keys, values, tables, lens, out):
     tables (B, W) page ids, padded; lens (B,) tokens per sequence; out (B, Hkv, G, D)."""
     batch, hkv, group, d_head = q.shape
     page = keys.shape[1]
-    for job in prange(batch * hkv):
-        b = job // hkv
-        h = job % hkv
+    splits = hkv if batch < 4 else 1  # too few sequences to share out: split by head too
+    heads = hkv // splits
+    for job in prange(batch * splits):
+        b = job // splits
+        h0 = (job % splits) * heads
         n = lens[b]
-        scores = np.empty((group, n), np.float32)
-        for t in range(n):
-            k = keys[tables[b, t // page], t % page, h]
+        scores = np.empty((heads, group, n), np.float32)
+        for first in range(0, n, page):
+            block = tables[b, first // page]
+            for slot in range(min(page, n - first)):
+                for h in range(heads):
+                    k = keys[block, slot, h0 + h]
+                    for g in range(group):
+                        scores[h, g, first + slot] = dot(q[b, h0 + h, g], k, d_head)
+        bits = np.empty(n, np.int32)
+        for h in range(heads):
             for g in range(group):
-                s = np.float32(0)
-                for d in range(d_head):
-                    s += q[b, h, g, d] * k[d]
-                scores[g, t] = s
-        for g in range(group):
-            top = scores[g, 0]
-            for t in range(1, n):
-                top = max(top, scores[g, t])
-            total = np.float32(0)
-            for t in range(n):
-                e = math.exp(scores[g, t] - top)
-                scores[g, t] = e
-                total += e
-            inv = np.float32(1) / total
-            for t in range(n):
-                scores[g, t] *= inv
-        acc = np.zeros((group, d_head), np.float32)
-        for t in range(n):
-            v = values[tables[b, t // page], t % page, h]
-            for g in range(group):
-                p = scores[g, t]
-                for d in range(d_head):
-                    acc[g, d] += p * v[d]
-        out[b, h] = acc
+                row = scores[h, g]
+                top = row[0]
+                for t in range(1, n):
+                    top = max(top, row[t])
+                for t in range(n):
+                    row[t] -= top
+                exp_below_zero(row, bits, n)
+                total = np.float32(0)
+                for t in range(n):
+                    total += row[t]
+                inv = np.float32(1) / total
+                for t in range(n):
+                    row[t] *= inv
+        acc = np.zeros((heads, group, d_head), np.float32)
+        for first in range(0, n, page):
+            block = tables[b, first // page]
+            for slot in range(min(page, n - first)):
+                for h in range(heads):
+                    v = values[block, slot, h0 + h]
+                    for g in range(group):
+                        p = scores[h, g, first + slot]
+                        for d in range(d_head):
+                            acc[h, g, d] += p * v[d]
+        out[b, h0:h0 + heads] = acc
 
 
 class PagedDecodeAttention:

@@ -1,14 +1,13 @@
-"""A decode step for the CPU written against numpy: the engine's CPU kernel for pure-decode batches.
+"""A decode step for the CPU over numpy views: the engine's CPU kernel for pure-decode batches.
 
 Why not torch for the whole step: a decode step of the CPU default model performs some three
-hundred operations on vectors of a few hundred numbers. Each torch call costs several microseconds
-of dispatch; the same arithmetic as numpy calls on views of the very same memory (weights, rotary
-tables, KV pages) costs about a microsecond per call. The weight products are one call per matrix
-with every sequence's row.
-
-Attention reads each sequence's pages. One sequence attends through a view of its pages where they
-sit side by side; several are attended to a few at a time, their pages gathered into one small
-array (a handful of numpy calls per layer whatever the batch, instead of a dozen per sequence).
+hundred operations on vectors of a few hundred numbers, and each torch call costs several
+microseconds of dispatch. Here a step is a short list of compiled calls (`engine.kernels.cpu_jit`)
+on views of the very same memory (weights, rotary tables, KV pages), per layer:
+- four weight products, one call per matrix with every sequence's row (`cpu_products`);
+- the rotary embedding with the K/V write into the cache, the residual adds with the norms after
+  them, and SwiGLU (`cpu_layer_ops`);
+- attention, reading each sequence's pages in place (`cpu_attention`).
 
 Only steps made of decodes alone come here (one new token per sequence, K/V written through the
 slot mapping, attention over each sequence's pages), and only when the runner sends them
@@ -18,15 +17,15 @@ torch twin, and tests/test_cpu_decode.py holds every pair to the same numbers.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from engine.kernels import cpu_jit
+from engine.kernels import cpu_layer_ops as ops
 from engine.kernels.cpu_attention import PagedDecodeAttention
-from engine.kernels.cpu_products import WeightProduct
+from engine.kernels.cpu_products import WeightProduct, most_compiled_rows
 
 
 @dataclass
@@ -49,7 +48,7 @@ class CpuDecoder:
         self.n_heads, self.n_kv, self.d_head = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                 cfg.head_dim)
         self.eps = cfg.rms_norm_eps
-        self.scale = self.d_head ** -0.5
+        self.scale = np.float32(self.d_head ** -0.5)
         self.layers = [
             _Layer(layer.input_layernorm.weight.detach().numpy(),
                    WeightProduct(layer.self_attn.qkv_weight),
@@ -61,8 +60,8 @@ class CpuDecoder:
         self.norm = model.model.norm.weight.detach().numpy()
         self.lm_head = WeightProduct(model.lm_head.weight)
         self.embed = model.model.embed_tokens.weight.detach().numpy()  # (vocab, d)
-        self.cos = model.rotary.cos.numpy()  # (max_pos, D)
-        self.sin = model.rotary.sin.numpy()
+        self.cos = np.ascontiguousarray(model.rotary.cos.numpy())  # (max_pos, D)
+        self.sin = np.ascontiguousarray(model.rotary.sin.numpy())
         cpu_jit.warm_up()
 
     def __call__(self, ids: np.ndarray, positions: np.ndarray, slots: np.ndarray,
@@ -75,48 +74,24 @@ class CpuDecoder:
         """
         batch = ids.shape[0]
         hq, hkv, d = self.n_heads, self.n_kv, self.d_head
-        group = hq // hkv
+        limit = most_compiled_rows()  # once a step: the thread count does not change within one
         attend = PagedDecodeAttention(block_tables, context_lens)
-        cos = self.cos[positions][:, None, :]  # (B, 1, D)
-        sin = self.sin[positions][:, None, :]
-        h = self.embed[ids]  # (B, d)
+        positions = np.ascontiguousarray(positions, dtype=np.int64)
+        slots = np.ascontiguousarray(slots, dtype=np.int64)
+        h = self.embed[ids]  # (B, d), a copy: the residual stream, updated in place
+        x = np.empty_like(h)  # the normed rows each product reads
+        q = np.empty((batch, hq, d), np.float32)
+        ops.rms_norm_into(h, self.layers[0].ln_attn, self.eps, x)
         for i, w in enumerate(self.layers):
-            qkv = w.qkv(rms_norm(h, w.ln_attn, self.eps))  # (B, (Hq + 2 Hkv) D)
-            qk = rotate(qkv[:, :(hq + hkv) * d].reshape(batch, hq + hkv, d), cos, sin)
             keys, values = k_cache[i], v_cache[i]  # (NB, P, Hkv, D)
-            keys.reshape(-1, hkv, d)[slots] = qk[:, hq:]
-            values.reshape(-1, hkv, d)[slots] = qkv[:, (hq + hkv) * d:].reshape(batch, hkv, d)
-            # A group's query heads share one K/V head: (B, Hkv, G, D) against (n, Hkv, D).
-            q = (qk[:, :hq] * self.scale).reshape(batch, hkv, group, d)
-            h = h + w.o(attend(q, keys, values).reshape(batch, hq * d))
-            h = h + w.down(swiglu(w.gate_up(rms_norm(h, w.ln_mlp, self.eps))))
-        return self.lm_head(rms_norm(h, self.norm, self.eps))  # (B, vocab)
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm over the last axis: (B, d) -> (B, d). Torch twin: `engine.model.RMSNorm`."""
-    if x.shape[0] == 1:  # batch 1: the scale is a Python float, two array operations fewer
-        row = x[0]
-        return x * (weight * (1.0 / math.sqrt(float(row @ row) / row.shape[0] + eps)))
-    return x * (weight / np.sqrt(np.vecdot(x, x) / x.shape[1] + eps)[:, None])
-
-
-def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotary embeddings in the rotate-half layout: x (B, H, D), cos and sin (B, 1, D) ->
-    (B, H, D). Torch twin: `engine.model.rotate`."""
-    half = x.shape[-1] // 2
-    turned = np.empty_like(x)  # (-x2, x1)
-    np.negative(x[..., half:], out=turned[..., :half])
-    turned[..., half:] = x[..., :half]
-    return x * cos + turned * sin
-
-
-def swiglu(gate_up: np.ndarray) -> np.ndarray:
-    """SiLU(gate) * up for the fused product (B, 2F) = [gate | up] -> (B, F). Torch twin: the
-    activation in `engine.model.MLP.forward`.
-
-    sigmoid(x) is written as (1 + tanh(x / 2)) / 2: exp(-x) overflows for very negative gates,
-    tanh never does."""
-    half = gate_up.shape[1] // 2
-    gate, up = gate_up[:, :half], gate_up[:, half:]
-    return gate * (0.5 + 0.5 * np.tanh(0.5 * gate)) * up
+            ops.rope_into_cache(w.qkv(x, limit), self.cos, self.sin, positions, slots, keys,
+                                values, self.scale, q)
+            # A group's query heads share one K/V head: (B, Hkv, G, D) against the pages.
+            heads = attend(q.reshape(batch, hkv, hq // hkv, d), keys, values)
+            ops.add_rms_norm(h, w.o(heads.reshape(batch, hq * d), limit), w.ln_mlp, self.eps, x)
+            gate_up = w.gate_up(x, limit)
+            mid = np.empty((batch, gate_up.shape[1] // 2), np.float32)
+            ops.swiglu_into(gate_up, mid)
+            after = self.layers[i + 1].ln_attn if i + 1 < len(self.layers) else self.norm
+            ops.add_rms_norm(h, w.down(mid, limit), after, self.eps, x)
+        return self.lm_head(x, limit)  # (B, vocab)

@@ -12,6 +12,8 @@ How they are compiled:
 - `kernel` is numba's `njit` with the options every kernel here uses: threads over the outer
   loop (`prange`), fast floating point (sums may be reordered, as any BLAS does), no bounds
   checks, and an on-disk cache next to the source, so only the first process compiles.
+  `serial` is the same on one thread, for a layer's small elementwise work, and `inline` for
+  helpers that numba pastes into the kernels calling them.
 - Wide vectors: on CPUs with AVX-512, LLVM prefers 256-bit vectors unless told otherwise, which
   halves what one instruction does. `wide_vectors` tells numba the host's features with that
   preference removed, through numba's documented `NUMBA_CPU_FEATURES`. It must run before numba is
@@ -47,6 +49,11 @@ import numba  # noqa: E402  (after wide_vectors, on purpose)
 kernel = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True, nogil=True,
                            boundscheck=False)
 prange = numba.prange
+# A loop too small to share out over threads (waking a thread costs more than it saves).
+serial = functools.partial(numba.njit, fastmath=True, cache=True, nogil=True, boundscheck=False)
+# A small compiled helper that kernels call: numba pastes its body into the caller.
+inline = functools.partial(numba.njit, inline="always", fastmath=True, cache=True,
+                           boundscheck=False)
 COMPILE_NOTE_S = 3.0  # a warm-up slower than this compiled (loading takes about one second)
 
 
@@ -69,16 +76,22 @@ def warm_up() -> None:
     A compile (the first start after an install or an edit) takes seconds, and says so."""
     import numpy as np
 
+    from engine.kernels import cpu_layer_ops as ops
     from engine.kernels.cpu_attention import paged_attention
     from engine.kernels.cpu_products import rows_times_weight
 
     started = time.perf_counter()
     rows = np.ones((5, 8), np.float32)
     rows_times_weight(rows, np.ones((6, 8), np.float32), np.empty((5, 6), np.float32))
-    cache = np.ones((3, 2, 1, 8), np.float32)
+    cache = np.ones((3, 2, 1, 8), np.float32)  # (pages, page size, K/V heads, head size)
     q = np.ones((2, 1, 2, 8), np.float32)
-    paged_attention(q, cache, cache, np.zeros((2, 2), np.int64), np.array([3, 1], np.int64),
-                    np.empty_like(q))
+    ints = np.array([3, 1], np.int64)
+    paged_attention(q, cache, cache, np.zeros((2, 2), np.int64), ints, np.empty_like(q))
+    ops.rms_norm_into(rows, rows[0], 1e-5, np.empty_like(rows))
+    ops.add_rms_norm(rows[:2].copy(), rows[:2], rows[0], 1e-5, np.empty((2, 8), np.float32))
+    ops.rope_into_cache(np.ones((2, 32), np.float32), rows, rows, ints, ints, cache, cache,
+                        np.float32(1), np.empty((2, 2, 8), np.float32))
+    ops.swiglu_into(rows, np.empty((5, 4), np.float32))
     took = time.perf_counter() - started
     if took > COMPILE_NOTE_S:
         print(f"[engine] compiled the CPU decode loops in {took:.1f} s; numba keeps them beside "

@@ -109,8 +109,10 @@ class WeightProduct:
                              "row-major (engine.kernels.cpu_backend does so)")
         self.rows = self.weight.numpy()  # the same memory, as the compiled loop reads it
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[0] > most_compiled_rows():
+    def __call__(self, x: np.ndarray, compiled_rows: int | None = None) -> np.ndarray:
+        """`compiled_rows`: `most_compiled_rows()`, which a caller making many products in a row
+        can ask once (it reads numba's thread count, a few microseconds each time)."""
+        if x.shape[0] > (most_compiled_rows() if compiled_rows is None else compiled_rows):
             return torch.nn.functional.linear(torch.from_numpy(x), self.weight).numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.rows.shape[0]), np.float32)
