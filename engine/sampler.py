@@ -20,12 +20,22 @@ def draw_seed(seed: int, position: int) -> int:
     return (seed * _MIX + position) % 2**63
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first one on ties, as torch's): (rows, vocab) -> (rows,) int64.
+
+    On the CPU numpy's argmax is used: torch's took 0.59 ms for 32 rows of 8192 logits on one
+    thread, numpy's 0.02 ms (docs/benchmarks.md, "Fewer, fused calls")."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
     """One token per row of `logits` (rows, vocab); rows past `params` are greedy.
 
     `.tolist()` also waits for the device, so a caller's clock read after it includes the kernels.
     """
-    tokens = logits.argmax(dim=-1)  # (rows,)
+    tokens = greedy_tokens(logits)  # (rows,)
     for row, (p, position) in enumerate(zip(params, positions)):
         if p.greedy:
             continue

@@ -4,10 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.records import RequestRecord
+from engine.sampler import greedy_tokens
 from engine.sampling_params import SamplingParams
 
 
@@ -99,3 +101,14 @@ def test_negative_temperature_is_refused():
     from engine.config import ConfigError
     with pytest.raises(ConfigError):
         SamplingParams(temperature=-1)
+
+
+def test_greedy_tokens_agree_with_torchs_argmax_ties_and_nan_included() -> None:
+    """The CPU takes numpy's argmax (much faster there); it must pick what torch's picks."""
+    logits = torch.randn(6, 300, generator=torch.Generator().manual_seed(1))
+    logits[1, 7] = logits[1, 200] = logits[1].max() + 1  # a tie: the first index wins
+    logits[2, 50] = float("nan")  # torch counts NaN as the largest
+    logits[3] = 0.0
+    assert greedy_tokens(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert greedy_tokens(logits)[1] == 7 and greedy_tokens(logits)[2] == 50
+    assert greedy_tokens(logits[:, ::2]).tolist() == logits[:, ::2].argmax(dim=-1).tolist()
