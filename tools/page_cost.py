@@ -1,10 +1,13 @@
 """What one session's page costs the page process: CPU seconds and Bokeh models.
 
 Builds pages with the tests' stand-in engine client (no engine server, no browser) the way
-lab/app.py does: `build_page`, then the template's `server_doc` into a fresh Bokeh document with
+lab/app.py does in a served session: the page's document is Panel's current one, `build_page`, then the template's `server_doc` into a fresh Bokeh document with
 the model recount deferred to one walk (as `recount_models_once` does in a served session), then
 the document's JSON, which is what the server sends the browser. Each stage is timed with
-`time.process_time`, so a busy neighbour on the box slows the wall clock but not the figures.
+`time.process_time`. A busy neighbour on a 2-core box still moves those figures by 10-20 % (shared
+caches and cores), so one more page is built under `cProfile` and its count of Python function
+calls is reported too: that count does not depend on the box's load, and comparing two trees by it
+shows a 5 % change that the CPU seconds cannot.
 
     PYTHONPATH=. .venv/bin/python -m tools.page_cost [--embed] [--pages N] [--json]
 
@@ -13,7 +16,9 @@ The first page pays one-off imports and caches; it is built and left out of the 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from collections import Counter
@@ -31,18 +36,29 @@ TOP_TYPES = 12  # model types listed in the report
 
 def build_once(query: dict[str, str]) -> tuple[dict[str, float], Document]:
     """One page: CPU seconds per stage and the finished document."""
+    doc = Document()
+    # As in a served session, the page is built with its document as Panel's current one: Panel
+    # then makes one stylesheet model per CSS file for the document, not one per component (271
+    # against 9 here).
+    pn.state.curdoc = doc
+    try:
+        return _stages(doc, query), doc
+    finally:
+        pn.state.curdoc = None
+
+
+def _stages(doc: Document, query: dict[str, str]) -> dict[str, float]:
     t0 = time.process_time()
     # classroom=False: without LAB_INSTRUCTOR_TOKEN (the load tests) a page has no classroom bar,
     # and asking the hub would start an engine server.
     page = build_page(FakeClient(TEST_ENGINE), Limits(), query=query, classroom=False)
     t1 = time.process_time()
-    doc = Document()
     with doc.models.freeze():  # the app's recount_models_once, outside a served session
         page.server_doc(doc)
     t2 = time.process_time()
     doc.to_json()
     t3 = time.process_time()
-    return {"build": t1 - t0, "server_doc": t2 - t1, "serialise": t3 - t2, "total": t3 - t0}, doc
+    return {"build": t1 - t0, "server_doc": t2 - t1, "serialise": t3 - t2, "total": t3 - t0}
 
 
 def measure(pages: int, embed: bool) -> dict:
@@ -53,10 +69,15 @@ def measure(pages: int, embed: bool) -> dict:
     for _ in range(pages):
         times, doc = build_once(query)
         runs.append(times)
+    profile = cProfile.Profile()
+    profile.enable()
+    build_once(query)
+    profile.disable()
     models = list(doc.models)
     types = Counter(type(m).__name__ for m in models)
     return {"embed": embed, "pages": pages,
             "cpu_s": {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]},
+            "python_calls": pstats.Stats(profile).total_calls,
             "models": len(models),
             "top_types": dict(types.most_common(TOP_TYPES))}
 
@@ -66,6 +87,7 @@ def report(result: dict) -> str:
     lines = [f"page: {'?embed=demo' if result['embed'] else 'whole'}, "
              f"median of {result['pages']} builds (CPU seconds)",
              *(f"  {k:<11}{v:6.3f}" for k, v in cpu.items()),
+             f"Python function calls: {result['python_calls']}",
              f"models: {result['models']}",
              *(f"  {n:<24}{c:4d}" for n, c in result["top_types"].items())]
     return "\n".join(lines)
