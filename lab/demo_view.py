@@ -104,10 +104,13 @@ def status_line(demo: DemoController) -> pn.Row:
 
 
 def plot_card(title: str, plot, plot_id: str) -> pn.Column:
+    """The plot's title, panes and text in one column: the plot's own column is not built (one
+    Panel layout fewer per card, two for the stacked figures)."""
     return pn.Column(pn.pane.HTML(f'<h3 id="plot-{plot_id}" class="plot-title">'
                                   f'{html.escape(title)}</h3>', margin=(0, 10)),
-                     plot, sizing_mode="stretch_width", styles={"flex": "1 1 480px"},
-                     css_classes=["plot-card", f"plot-{plot_id}"])
+                     *plot.parts(), name=plot_id, sizing_mode="stretch_width",
+                     styles={"flex": "1 1 480px"},
+                     css_classes=["plot-card", f"plot-{plot_id}", "plot", plot_id])
 
 
 def demo_section(demo: DemoController, content: Content, compact: bool = False) -> pn.Column:

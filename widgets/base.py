@@ -1,7 +1,7 @@
 """The common shape of every plot component: a body, a text equivalent, and reset/add_steps/show.
 
-A subclass builds its Bokeh figures and sources in `__init__`, returns them from `_body`, and keeps
-`text` (a plain-language equivalent with the key numbers) in step with what it draws. A plot given
+A subclass builds its Bokeh figures and sources in `__init__`, returns their panes from `_body`, and
+keeps `text` (a plain-language equivalent with the key numbers) in step with what it draws. A plot given
 a `run` (a `RunState`) follows it: a new run clears it, streamed steps extend it, a finished run
 (or the same run under new targets) is drawn whole. The run state changes only on the session's
 event loop (lab/ticker.py), so these methods mutate Bokeh sources directly.
@@ -44,18 +44,26 @@ class PlotComponent(pn.viewable.Viewer):
             self.text, name=f"{self.plot_id}-text", sizing_mode="stretch_width",
             css_classes=["plot-text", f"{self.plot_id}-text"], margin=(0, 10))
         self._layout: pn.Column | None = None
+        self._parts: list[pn.viewable.Viewable] | None = None
 
     @param.depends("text", watch=True)
     def _sync_text(self) -> None:
         self.text_pane.object = self.text
 
-    def _body(self) -> pn.viewable.Viewable:
-        """The plot area, built once by the subclass."""
+    def _body(self) -> list[pn.viewable.Viewable]:
+        """The plot area's panes, top to bottom, built once by the subclass."""
         raise NotImplementedError
+
+    def parts(self) -> list[pn.viewable.Viewable]:
+        """The plot area's panes and the text under them, for a layout that holds them itself
+        (the demo's cards do: a Panel layout is several Bokeh and Panel objects per session)."""
+        if self._parts is None:
+            self._parts = [*self._body(), self.text_pane]
+        return self._parts
 
     def __panel__(self) -> pn.Column:
         if self._layout is None:
-            self._layout = pn.Column(self._body(), self.text_pane, name=self.plot_id,
+            self._layout = pn.Column(*self.parts(), name=self.plot_id,
                                      css_classes=["plot", self.plot_id],
                                      sizing_mode="stretch_width")
         return self._layout

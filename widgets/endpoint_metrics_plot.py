@@ -78,8 +78,8 @@ class _SampledPlot(PlotComponent):
         self.block_size = _block_size(facts.get("samples", []))
         self.text = self._describe()
 
-    def _body(self) -> pn.pane.Bokeh:
-        return plot_pane(self.fig)  # the figure is the subclass's
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [plot_pane(self.fig)]  # the figure is the subclass's
 
     def _describe(self) -> str:
         raise NotImplementedError

@@ -91,8 +91,8 @@ class GoodputRatePlot(PlotComponent):
                                            ("completed", "@throughput{0.00} req/s")])
         legend_below(self.fig, ncols=2)
 
-    def _body(self) -> pn.pane.Bokeh:
-        return plot_pane(self.fig)
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [plot_pane(self.fig)]
 
     def reset(self) -> None:
         """Forget the sweep (a new workload)."""

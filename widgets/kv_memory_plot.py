@@ -108,10 +108,9 @@ class KVMemoryPlot(PlotComponent):
         legend_below(self.reference_fig, ncols=1)
         add_hover(self.reference_fig, [ref_line], REFERENCE_TIPS)
 
-    def _body(self) -> pn.Row:
-        return pn.Row(plot_pane(self.measured_fig),
-                      plot_pane(self.reference_fig),
-                      sizing_mode="stretch_width")
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [pn.Row(plot_pane(self.measured_fig), plot_pane(self.reference_fig),
+                       sizing_mode="stretch_width")]
 
     def reset(self) -> None:
         """Clear for a new run."""

@@ -59,10 +59,8 @@ class LatencyPlot(PlotComponent):
             fig.xaxis.ticker.desired_num_ticks = 10
         self.ttft_fig.xaxis.major_label_text_font_size = "0px"  # ids are read off the lower figure
 
-    def _body(self) -> pn.Column:
-        return pn.Column(plot_pane(self.ttft_fig),
-                         plot_pane(self.tpot_fig),
-                         sizing_mode="stretch_width")
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [plot_pane(self.ttft_fig), plot_pane(self.tpot_fig)]
 
     def reset(self) -> None:
         """Clear for a new run."""

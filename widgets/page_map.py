@@ -118,9 +118,8 @@ class PageMap(PlotComponent):
         self.table = pn.pane.HTML("", css_classes=["page-table"], stylesheets=[TABLE_CSS],
                                   width=400, margin=(10, 10))
 
-    def _body(self) -> pn.Row:
-        return pn.Row(plot_pane(self.fig), self.table,
-                      sizing_mode="stretch_width")
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [pn.Row(plot_pane(self.fig), self.table, sizing_mode="stretch_width")]
 
     def reset(self) -> None:
         """Clear for a new run."""

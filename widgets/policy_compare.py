@@ -85,13 +85,18 @@ class PolicyComparison(pn.viewable.Viewer):
                                     ("idle slots", "@idle")])
             self.figs[policy] = fig
         self._y_range = shared_y
-        self._layout = pn.Column(
-            self.table, *(plot_pane(self.figs[p])
-                          for p in POLICIES),
-            self.text_pane, name=self.plot_id, css_classes=["plot", self.plot_id],
-            sizing_mode="stretch_width")
+        self._parts = [self.table, *(plot_pane(self.figs[p]) for p in POLICIES), self.text_pane]
+        self._layout: pn.Column | None = None
+
+    def parts(self) -> list[pn.viewable.Viewable]:
+        """The table, the figures and the text, for a layout that holds them itself."""
+        return self._parts
 
     def __panel__(self) -> pn.Column:
+        if self._layout is None:
+            self._layout = pn.Column(*self._parts, name=self.plot_id,
+                                     css_classes=["plot", self.plot_id],
+                                     sizing_mode="stretch_width")
         return self._layout
 
     @param.depends("text", watch=True)

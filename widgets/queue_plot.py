@@ -56,8 +56,8 @@ class QueuePlot(PlotComponent):
                                     ("waiting", "@waiting")])
         legend_below(self.fig, ncols=3)
 
-    def _body(self) -> pn.pane.Bokeh:
-        return plot_pane(self.fig)
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [plot_pane(self.fig)]
 
     def reset(self) -> None:
         """Clear for a new run."""

@@ -77,10 +77,8 @@ class TimelinePlot(PlotComponent):
         self.load_fig.legend.background_fill_alpha = 0.4
         add_hover(self.load_fig, [tokens], TOOLTIPS)
 
-    def _body(self) -> pn.Column:
-        return pn.Column(plot_pane(self.duration_fig),
-                         plot_pane(self.load_fig),
-                         sizing_mode="stretch_width")
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [plot_pane(self.duration_fig), plot_pane(self.load_fig)]
 
     def reset(self) -> None:
         """Clear for a new run."""

@@ -68,8 +68,8 @@ class TPOTBatchPlot(PlotComponent):
                                      ("TPOT", "@tpot_ms{0.000} ms")])
         legend_below(self.fig, ncols=2)
 
-    def _body(self) -> pn.pane.Bokeh:
-        return plot_pane(self.fig)
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return [plot_pane(self.fig)]
 
     def reset(self) -> None:
         """Clear for a new run (the sweep starts over too)."""

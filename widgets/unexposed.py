@@ -24,8 +24,8 @@ class Unexposed(PlotComponent):
         super().__init__(text=sentence, **params)
         self.sentence = sentence
 
-    def _body(self) -> pn.viewable.Viewable:
-        return pn.Spacer(height=0)
+    def _body(self) -> list[pn.viewable.Viewable]:
+        return []
 
     def reset(self) -> None:
         """Nothing to clear: the sentence stays."""
