@@ -110,20 +110,29 @@ def intuition(content: Content) -> pn.Column:
                      sizing_mode="stretch_width", css_classes=["lab-section"])
 
 
+def symbols_table(formula: dict) -> str:
+    """A formula's symbols, their meanings and their names in the code, as an HTML table."""
+    rows = "".join(f"<tr><td>{symbol_html(s['symbol'])}</td><td>{html.escape(s['meaning'])}"
+                   f"</td><td><code>{html.escape(s['code_name'])}</code></td></tr>"
+                   for s in formula["symbols"])
+    return ('<table class="symbols"><thead><tr><th>symbol</th><th>meaning</th>'
+            f"<th>in the code</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def math_section(content: Content) -> pn.Column:
+    """Each formula between two blocks of text: the text between two formulas (one's explanation
+    and symbols, the next one's title) is one pane, so a page carries 13 panes here, not 24."""
     blocks = [section_heading(content, "math")]
+    text = ""  # what comes before the next formula: the last one's explanation and table
     for f in content.math:
-        rows = "".join(f"<tr><td>{symbol_html(s['symbol'])}</td><td>{html.escape(s['meaning'])}"
-                       f"</td><td><code>{html.escape(s['code_name'])}</code></td></tr>"
-                       for s in f["symbols"])
         blocks += [
-            pn.pane.Markdown(f"### {f['title']}", sizing_mode="stretch_width"),
+            pn.pane.Markdown(f"{text}### {f['title']}", sizing_mode="stretch_width",
+                             stylesheets=[CSS]),
             pn.pane.LaTeX(f"$${f['latex']}$$", renderer="katex", sizing_mode="stretch_width",
                           css_classes=["formula"], styles={"font-size": "1.25em"}),
-            pn.pane.Markdown(f["explanation"], sizing_mode="stretch_width"),
-            html_pane('<table class="symbols"><thead><tr><th>symbol</th><th>meaning</th>'
-                      f"<th>in the code</th></tr></thead><tbody>{rows}</tbody></table>"),
         ]
+        text = f"{f['explanation']}\n\n{symbols_table(f)}\n\n"
+    blocks.append(pn.pane.Markdown(text, sizing_mode="stretch_width", stylesheets=[CSS]))
     return pn.Column(*blocks, sizing_mode="stretch_width", css_classes=["lab-section"])
 
 
