@@ -64,13 +64,13 @@ class RunInfo:
 
 def make_figure(title: str, x_label: str, y_label: str, height: int = PLOT_HEIGHT,
                 **kwargs: Any) -> figure:
-    """A themed-by-Panel figure that stretches to its column's width. Two tools only (zoom to a
-    box, and back): every tool is a model each session's page carries, and a page has a dozen
-    figures."""
-    p = figure(title=title, height=height, sizing_mode="stretch_width",
-               tools="box_zoom,reset", toolbar_location="right",
-               min_border_left=50, **kwargs)
-    p.toolbar.autohide = True
+    """A themed-by-Panel figure that stretches to its column's width, with no tools of its own:
+    `add_hover` gives it the one a reader uses, tooltips with the exact numbers. Zoom to a box
+    and reset cost five models a figure (the zoom box is a full annotation), about 8 % of what a
+    page's build and send cost the page process (tools/page_cost.py), for plots that fit their
+    card as drawn; a toolbar holding only the hover tool is not shown."""
+    p = figure(title=title, height=height, sizing_mode="stretch_width", tools="",
+               toolbar_location=None, min_border_left=50, **kwargs)
     p.xaxis.axis_label = x_label
     p.yaxis.axis_label = y_label
     p.title.text_font_size = "13px"
