@@ -1,0 +1,44 @@
+"""What a session's page costs the page process, held structurally (no timings): the number of
+Bokeh models a whole page sends, and stylesheets shared across its components.
+
+Every model is built, validated and serialised for each session, and forty sessions arrive within
+forty seconds in a class (docs/classroom.md, "Page cost cut"); tools/page_cost.py measures the
+same page in CPU seconds and Python calls.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import panel as pn
+import pytest
+from bokeh.models import ImportedStyleSheet, Plot
+
+from tools.page_cost import build_once
+
+# 664 models before the cut of 2026-11-30, 583 after it; a little headroom for a new label.
+MAX_MODELS = 600
+
+
+@pytest.fixture(scope="module")
+def page_doc():
+    pn.extension("katex")
+    _times, doc = build_once({})
+    return doc
+
+
+def test_a_whole_page_stays_under_its_model_budget(page_doc):
+    models = list(page_doc.models)
+    assert len(models) <= MAX_MODELS, Counter(type(m).__name__ for m in models).most_common(8)
+
+
+def test_each_stylesheet_is_one_model_per_page(page_doc):
+    urls = [m.url for m in page_doc.models if isinstance(m, ImportedStyleSheet)]
+    assert urls and len(urls) == len(set(urls))
+
+
+def test_figures_keep_their_hover_tooltips_without_zoom_tools(page_doc):
+    figures = [m for m in page_doc.models if isinstance(m, Plot)]
+    assert len(figures) == 12
+    for fig in figures:
+        assert [type(t).__name__ for t in fig.tools] == ["HoverTool"] * len(fig.tools)
+        assert fig.tools, fig.title.text if fig.title else fig
