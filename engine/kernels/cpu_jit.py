@@ -54,7 +54,7 @@ serial = functools.partial(numba.njit, fastmath=True, cache=True, nogil=True, bo
 # A small compiled helper that kernels call: numba pastes its body into the caller.
 inline = functools.partial(numba.njit, inline="always", fastmath=True, cache=True,
                            boundscheck=False)
-COMPILE_NOTE_S = 3.0  # a warm-up slower than this compiled (loading takes about one second)
+COMPILE_NOTE_S = 8.0  # a warm-up slower than this compiled (a cold compile took 26 s, loading 2.6 s)
 
 
 def threads() -> int:
@@ -95,5 +95,5 @@ def warm_up() -> None:
     took = time.perf_counter() - started
     if took > COMPILE_NOTE_S:
         print(f"[engine] compiled the CPU decode loops in {took:.1f} s; numba keeps them beside "
-              "their source, so later starts load them in about a second", file=sys.stderr,
+              "their source, so later starts load them in a few seconds", file=sys.stderr,
               flush=True)
