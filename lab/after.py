@@ -49,7 +49,7 @@ class LazyPanel(pn.viewable.Viewer):
         self._build = build
         self.views: list | None = None
         heading = content.panel(panel_id)["heading"]
-        self.button = pn.widgets.Button(label=f"Open: {heading}", button_type="light",
+        self.button = pn.widgets.Button(label=f"Open: {heading}", color="light",
                                         css_classes=["after-open", f"after-open-{panel_id}"])
         self.button.on_click(lambda _e: self.open())
         self.layout = pn.Column(panel_heading(content, panel_id), self.button,

@@ -58,6 +58,11 @@ class Classroom:
         self._view: ClassView | None = None
         self._members: dict[str, tuple[dict, str | None]] = {}  # session -> (join body, token)
         self._choices: dict[str, tuple[str, int, str]] = {}  # session -> (hub, poll, choice)
+        # A session's join, leave and join-again reach the hub in the order they were decided:
+        # the stream thread's join-again could otherwise land after the session's leave and
+        # count a student who had gone. Striped, so a hub that is slow to answer holds up a
+        # sixteenth of the sessions, not all of them.
+        self._session_locks = tuple(threading.Lock() for _ in range(16))
         self._thread: threading.Thread | None = None
         self._stream: http.client.HTTPConnection | None = None
         self._stop = threading.Event()
@@ -87,17 +92,23 @@ class Classroom:
         """Count a student session in; it stays in until `leave` (or this process's stream ends)."""
         return self._join(session, {"following": following, "instructor": False}, None)
 
+    def _session_lock(self, session: str) -> threading.Lock:
+        return self._session_locks[hash(session) % len(self._session_locks)]
+
     def _join(self, session: str, body: dict, token: str | None) -> ClassView:
         body = {"session": session, "client": self.client, **body}
-        with self._lock:
-            self._members[session] = (body, token)
-        return self._post_quietly("join", body, token)
+        with self._session_lock(session):
+            with self._lock:
+                self._members[session] = (body, token)
+            self._post_quietly("join", body, token)
+        return self.view()
 
     def leave(self, session: str) -> None:
-        with self._lock:
-            self._members.pop(session, None)
-            self._choices.pop(session, None)
-        self._post_quietly("leave", {"session": session})
+        with self._session_lock(session):
+            with self._lock:
+                self._members.pop(session, None)
+                self._choices.pop(session, None)
+            self._post_quietly("leave", {"session": session})
 
     def follow(self, session: str, following: bool) -> ClassView:
         with self._lock:
@@ -239,8 +250,9 @@ class Classroom:
         with self._lock:
             members = list(self._members.items())
         for session, (body, token) in members:
-            if session in self._members:  # not left in the meantime
-                self._post_quietly("join", body, token)
+            with self._session_lock(session):
+                if session in self._members:  # not left in the meantime
+                    self._post_quietly("join", body, token)
 
     def close(self) -> None:
         """Stop the stream thread (tests; a served process keeps it until it exits)."""

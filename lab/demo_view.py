@@ -29,26 +29,26 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
     kv_cap_mb = max(1, int(demo.limits.kv_budget_bytes // 2**20))
     groups = {
         "The workload": [
-            pn.widgets.IntSlider.from_param(s.param.requests, name="Requests"),
-            pn.widgets.FloatSlider.from_param(s.param.rate, name="Arrival rate (requests/s, 0 = all at once)",
+            pn.widgets.IntSlider.from_param(s.param.requests, label="Requests"),
+            pn.widgets.FloatSlider.from_param(s.param.rate, label="Arrival rate (requests/s, 0 = all at once)",
                                    step=0.25),
-            pn.widgets.Select.from_param(s.param.mix, name="Lengths (fixed, or mixed: lognormal)"),
-            pn.widgets.IntSlider.from_param(s.param.context, name="Context length (prompt tokens)",
+            pn.widgets.Select.from_param(s.param.mix, label="Lengths (fixed, or mixed: lognormal)"),
+            pn.widgets.IntSlider.from_param(s.param.context, label="Context length (prompt tokens)",
                                  step=16),
-            pn.widgets.IntSlider.from_param(s.param.output, name="Output tokens"),
+            pn.widgets.IntSlider.from_param(s.param.output, label="Output tokens"),
         ],
         "The engine": [
-            pn.widgets.IntSlider.from_param(s.param.batch, name="Batch size (most running at once)"),
-            pn.widgets.IntSlider.from_param(s.param.kv_mb, name="KV memory (MB)",
+            pn.widgets.IntSlider.from_param(s.param.batch, label="Batch size (most running at once)"),
+            pn.widgets.IntSlider.from_param(s.param.kv_mb, label="KV memory (MB)",
                                  end=min(kv_cap_mb, s.param.kv_mb.bounds[1])),
-            pn.widgets.IntSlider.from_param(s.param.page, name="Page size (tokens per block)"),
-            pn.widgets.IntSlider.from_param(s.param.chunk, name="Prefill chunk (tokens per step)", step=16),
-            pn.widgets.Select.from_param(s.param.policy, name="Batching policy"),
-            pn.widgets.Select.from_param(s.param.model, name="Model preset"),
+            pn.widgets.IntSlider.from_param(s.param.page, label="Page size (tokens per block)"),
+            pn.widgets.IntSlider.from_param(s.param.chunk, label="Prefill chunk (tokens per step)", step=16),
+            pn.widgets.Select.from_param(s.param.policy, label="Batching policy"),
+            pn.widgets.Select.from_param(s.param.model, label="Model preset"),
         ],
         "The targets": [
-            pn.widgets.FloatSlider.from_param(s.param.ttft_slo, name="TTFT SLO (ms)", step=10, end=5000),
-            pn.widgets.FloatSlider.from_param(s.param.tpot_slo, name="TPOT SLO (ms)", step=1, end=500),
+            pn.widgets.FloatSlider.from_param(s.param.ttft_slo, label="TTFT SLO (ms)", step=10, end=5000),
+            pn.widgets.FloatSlider.from_param(s.param.tpot_slo, label="TPOT SLO (ms)", step=1, end=500),
         ],
     }
     for w in (w for ws in groups.values() for w in ws):  # two columns on a wide screen
@@ -65,17 +65,17 @@ def controls(demo: DemoController, content: Content) -> pn.Column:
             "lab does not change.", css_classes=["fixed-controls"], sizing_mode="stretch_width"))
     buttons = []
     for preset in content.presets:
-        b = pn.widgets.Button(name=preset["label"], button_type="light",
+        b = pn.widgets.Button(label=preset["label"], color="light",
                               description=preset["description"], css_classes=["preset-button"])
         b.on_click(lambda _e, v=dict(preset["values"]): s.apply(v))
         buttons.append(b)
-    copy = pn.widgets.Button(name="Copy link to these settings", button_type="primary",
-                             button_style="outline", css_classes=["copy-link"])
+    copy = pn.widgets.Button(label="Copy link to these settings", color="primary",
+                             variant="outline", css_classes=["copy-link"])
     copy.js_on_click(code="""
         navigator.clipboard.writeText(window.location.href).then(
           () => { cb.label = 'Link copied'; setTimeout(() => { cb.label = 'Copy link to these settings'; }, 2000); },
           () => { cb.label = 'Copy failed: use the address bar'; });""", args={"cb": copy})
-    again = pn.widgets.Button(name="Run again", button_type="light", css_classes=["run-again"],
+    again = pn.widgets.Button(label="Run again", color="light", css_classes=["run-again"],
                               description="Measure this setting once more: runs vary, and the "
                                           "gate grades a change against that spread")
     again.on_click(lambda _e: demo.run_again())
@@ -97,7 +97,7 @@ def status_line(demo: DemoController) -> pn.Row:
 
     busy = pn.bind(lambda st: st in ("queued", "running"), s.param.status)
     return pn.Row(
-        pn.indicators.LoadingSpinner(value=busy, size=20, name="", visible=busy, margin=(8, 6)),
+        pn.indicators.LoadingSpinner(value=busy, size=20, label="", visible=busy, margin=(8, 6)),
         pn.pane.Markdown(pn.bind(text, s.param.status, s.param.queue_position, s.param.steps_done),
                          css_classes=["run-status"], margin=(0, 6)),
         sizing_mode="stretch_width")
