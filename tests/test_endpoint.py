@@ -311,8 +311,13 @@ def test_runs_of_one_page_process_take_turns_and_a_waiting_run_can_be_withdrawn(
     runs = {name: EndpointRun(engine_endpoint, PromptMaker(engine_endpoint.tokenize),
                               key.replace(repeat=i), 20, events[name].append).start()
             for i, name in enumerate("abc")}
-    time.sleep(0.3)
-    runs["c"].close()  # withdrawn while it waits its turn
+    # Withdrawn while it waits its turn: as soon as it says it is queued (behind a and b). A fixed
+    # sleep here failed once a and b came to finish inside it.
+    deadline = time.monotonic() + 30
+    while not any(e["event"] == "queued" for e in list(events["c"])):
+        assert time.monotonic() < deadline, events
+        time.sleep(0.001)
+    runs["c"].close()
     for run in runs.values():
         run.thread.join(60)
     kinds = {name: [e["event"] for e in evs] for name, evs in events.items()}
