@@ -13,6 +13,7 @@ import panel as pn
 
 from lab.content import Content, to_plain
 from lab.demo import DemoController
+from lab.demo_view import open_plot
 from lab.sections import html_pane, section_heading
 from lab.state import LabState
 from widgets.base import served
@@ -94,9 +95,19 @@ def after_first_pass(demo: DemoController, content: Content) -> pn.Column:
         demo.state.param.watch(lambda *_: room.refresh(), list(LabState.CONTROLS))
         return [room]
 
+    def inquiry() -> list:
+        view = VisualInquiry(inquiry=to_plain(content.inquiry))
+
+        def open_cue_plot(_event) -> None:  # the feedback links to a plot: open its tab first
+            cue = view.picked()
+            if cue is not None and demo.plot_tabs is not None:
+                open_plot(demo.plot_tabs, cue["plot"])
+        view.param.watch(open_cue_plot, "cue")
+        return [view]
+
     builders = {
         "storyboard": storyboard,
-        "inquiry": lambda: [VisualInquiry(inquiry=to_plain(content.inquiry))],
+        "inquiry": inquiry,
         "sources": lambda: [SourceCards(sources=to_plain(content.sources))],
         "claims": lambda: [ClaimReview(claims=to_plain(content.claims),
                                        sources=to_plain(content.sources))],

@@ -62,6 +62,7 @@ class DemoController:
         self.notice = Notice()
         self.link_notice = Notice()  # what a shared link's bad values were turned into
         self.gate = None  # the prediction gate, set by the demo's layout
+        self.plot_tabs = None  # the plots' tabs, set by the demo's layout
         self._make_plots()
         self.trace: Trace | None = None  # the last good run
         self.shown_key: RunKey | None = None

@@ -1,5 +1,5 @@
 """The demo section's layout: presets, sliders, run status, the device banner, the summary table
-and the five measured plots, each with its text equivalent."""
+and the eight measured plots in four tabs, each plot with its text equivalent."""
 from __future__ import annotations
 
 import html
@@ -113,21 +113,46 @@ def plot_card(title: str, plot, plot_id: str) -> pn.Column:
                      css_classes=["plot-card", f"plot-{plot_id}", "plot", plot_id])
 
 
+# The demo's plots, two to a tab, each tab one question. Only the open tab is built for the
+# browser (`pn.Tabs(dynamic=True)`): a plot is 50-80 Bokeh models, and each model is page-process
+# work for every session (docs/classroom.md, "Plots in tabs"). Plots in closed tabs still follow
+# every run in Python, so a tab opens on the current run.
+PLOT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Latency and steps", ("latency", "timeline")),
+    ("KV memory and pages", ("kv_memory", "page_map")),
+    ("Queue and policies", ("queue", "policy")),
+    ("Batch and rate sweeps", ("tpot_batch", "goodput_rate")),
+)
+
+
+def plot_tabs(demo: DemoController) -> pn.Tabs:
+    """The demo's plots in their tabs; the first tab is open."""
+    tabs = []
+    for label, plot_ids in PLOT_GROUPS:
+        plots = [getattr(demo, plot_id) for plot_id in plot_ids]
+        cards = (plot_card(getattr(plot, "heading", None) or PLOT_TITLES[plot.plot_id], plot,
+                           plot.plot_id) for plot in plots)
+        tabs.append((label, pn.FlexBox(*cards, gap="8px 20px", sizing_mode="stretch_width",
+                                       css_classes=["plot-grid"])))
+    return pn.Tabs(*tabs, dynamic=True, sizing_mode="stretch_width", css_classes=["plot-tabs"])
+
+
+def open_plot(tabs: pn.Tabs, plot_id: str) -> None:
+    """Open the tab that holds `plot_id` (a link to a plot in a closed tab has nothing to reach)."""
+    for index, (_label, plot_ids) in enumerate(PLOT_GROUPS):
+        if plot_id in plot_ids:
+            tabs.active = index
+            return
+
+
 def demo_section(demo: DemoController, content: Content, compact: bool = False) -> pn.Column:
     """The whole demo; `compact` (embed mode) drops the section heading and the intro text."""
     parts = [] if compact else [section_heading(content, "demo"),
                                 pn.pane.Markdown(content.demo, sizing_mode="stretch_width")]
     gate = attach_prediction_gate(demo, content)
     demo.gate = gate  # tests and the classroom reach the session's gate here
-    results = pn.Column(
-        demo.summary,
-        pn.FlexBox(  # two plots a row where they fit, one a row on narrow screens
-            *(plot_card(getattr(plot, "heading", None) or PLOT_TITLES[plot.plot_id], plot,
-                        plot.plot_id) for plot in (
-                demo.latency, demo.timeline, demo.kv_memory, demo.page_map, demo.queue,
-                demo.policy, demo.tpot_batch, demo.goodput_rate)),
-            gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"]),
-        sizing_mode="stretch_width")
+    demo.plot_tabs = plot_tabs(demo)  # and the inquiry opens a plot's tab through it
+    results = pn.Column(demo.summary, demo.plot_tabs, sizing_mode="stretch_width")
     parts += [demo.banner, demo.link_notice, controls(demo, content), status_line(demo),
               demo.notice, gate, gate.cover(results)]
     return pn.Column(*parts, sizing_mode="stretch_width", css_classes=["lab-section", "demo"])

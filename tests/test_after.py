@@ -388,3 +388,21 @@ def test_after_section_has_every_anchor_and_follows_the_demo(content, trace):
     for listener in demo.listeners:  # an SLO redraw keeps the learner's place
         listener(trace, summary)
     assert section.storyboard.position == 2
+
+
+def test_picking_a_cue_opens_the_plot_tab_its_link_points_into(content):
+    from lab.demo_view import PLOT_GROUPS
+    from lab.page import build_page
+    from lab.runs import Limits
+    from tests.fakes import FakeClient
+    from tests.labkit import TEST_ENGINE
+    page = build_page(FakeClient(TEST_ENGINE), Limits(), query={}, classroom=False)
+    tabs = page.demo.plot_tabs
+    section = next(o for o in page.main[0] if hasattr(o, "panels"))
+    section.panels["inquiry"].open()
+    inquiry = section.panels["inquiry"].views[0]
+    assert tabs.active == 0
+    for cue in content.inquiry["cues"]:
+        inquiry.cue = cue["id"]
+        label, plot_ids = PLOT_GROUPS[tabs.active]
+        assert cue["plot"] in plot_ids, (cue["id"], label)

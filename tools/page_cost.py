@@ -34,20 +34,21 @@ from tests.labkit import TEST_ENGINE
 TOP_TYPES = 12  # model types listed in the report
 
 
-def build_once(query: dict[str, str]) -> tuple[dict[str, float], Document]:
-    """One page: CPU seconds per stage and the finished document."""
+def build_once(query: dict[str, str]) -> tuple[dict[str, float], Document, pn.template.BaseTemplate]:
+    """One page: CPU seconds per stage, the finished document and the page itself."""
     doc = Document()
     # As in a served session, the page is built with its document as Panel's current one: Panel
     # then makes one stylesheet model per CSS file for the document, not one per component (271
     # against 9 here).
     pn.state.curdoc = doc
     try:
-        return _stages(doc, query), doc
+        times, page = _stages(doc, query)
+        return times, doc, page
     finally:
         pn.state.curdoc = None
 
 
-def _stages(doc: Document, query: dict[str, str]) -> dict[str, float]:
+def _stages(doc: Document, query: dict[str, str]) -> tuple[dict[str, float], pn.template.BaseTemplate]:
     t0 = time.process_time()
     # classroom=False: without LAB_INSTRUCTOR_TOKEN (the load tests) a page has no classroom bar,
     # and asking the hub would start an engine server.
@@ -58,7 +59,7 @@ def _stages(doc: Document, query: dict[str, str]) -> dict[str, float]:
     t2 = time.process_time()
     doc.to_json()
     t3 = time.process_time()
-    return {"build": t1 - t0, "server_doc": t2 - t1, "serialise": t3 - t2, "total": t3 - t0}
+    return {"build": t1 - t0, "server_doc": t2 - t1, "serialise": t3 - t2, "total": t3 - t0}, page
 
 
 def measure(pages: int, embed: bool) -> dict:
@@ -67,7 +68,7 @@ def measure(pages: int, embed: bool) -> dict:
     build_once(query)
     runs = []
     for _ in range(pages):
-        times, doc = build_once(query)
+        times, doc, _page = build_once(query)
         runs.append(times)
     profile = cProfile.Profile()
     profile.enable()

@@ -114,6 +114,12 @@ def slider(scope, label: str):
     return scope.locator(".bk-input-group", has_text=label).locator(".noUi-handle")
 
 
+def open_tab(scope, label: str) -> None:
+    """Open the demo's plot tab named `label` (lab/demo_view.py PLOT_GROUPS): the plots of a
+    closed tab are not in the page until it is opened."""
+    scope.locator(".bk-tab", has_text=label).first.click()
+
+
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args):
     return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}

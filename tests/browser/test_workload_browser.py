@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from tests.browser.conftest import ARTIFACTS, CHROMIUM, lab_server
+from tests.browser.conftest import ARTIFACTS, CHROMIUM, lab_server, open_tab
 
 pytestmark = pytest.mark.browser
 SETTINGS = "?embed=demo&batch=4&requests=4&context=32&output=8&page=16"
@@ -59,6 +59,7 @@ def wait_sweep(page: Page, css: str) -> str:
 
 def test_goodput_against_rate_renders_with_its_knee(demo):
     page, errors = demo
+    open_tab(page, "Batch and rate sweeps")
     text = wait_sweep(page, ".goodput_rate-text")
     assert "req/s" in text and ("Knee at" in text or "knee lies above" in text or "no knee" in text)
     goodput = page.evaluate(RENDERED, "goodput")
@@ -71,6 +72,7 @@ def test_goodput_against_rate_renders_with_its_knee(demo):
 
 def test_tpot_against_batch_renders_both_floors(demo):
     page, errors = demo
+    open_tab(page, "Batch and rate sweeps")
     text = wait_sweep(page, ".tpot_batch-text")
     assert "batch 1:" in text and "floor" in text
     memory = page.evaluate(RENDERED, "memory-floor")
