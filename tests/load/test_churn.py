@@ -13,10 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from tests.browser.conftest import ARTIFACTS, CHROMIUM, ROOT, lab_server
+from tools.load import diagnostics
 
 pytestmark = pytest.mark.browser
 SESSIONS = int(os.environ.get("LAB_CHURN_SESSIONS", "6"))
@@ -40,6 +42,17 @@ def user_threads(snapshot: dict) -> dict[str, int]:
     return {k: v for k, v in snapshot["python_threads"].items() if k != "engine-worker"}
 
 
+def wait_for_release(url: str, after: dict, patience_s: float = 60.0) -> dict:
+    """The server's deep snapshot once no per-session object is alive, or after `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
+        time.sleep(5)
+        after = diagnostics(url, deep=True)
+        if set(after["live_objects"].values()) == {0}:
+            break
+    return after
+
+
 @pytest.mark.timeout(900)
 def test_opening_and_closing_sessions_leaves_nothing_behind(churn_server):
     cmd = [sys.executable, "-m", "tools.load", "--url", f"{churn_server}?{CHEAP}",
@@ -58,7 +71,12 @@ def test_opening_and_closing_sessions_leaves_nothing_behind(churn_server):
     assert queue["waiting"] == queue["background"] == queue["running"] == 0
     assert queue["runs_started"] == before["engine_queue"]["runs_started"]  # all cached: no reruns
     assert after["classroom"]["members"] == after["classroom"]["instructors"] == 0
-    assert set(after["live_objects"].values()) == {0}, after["live_objects"]
+    if set(after["live_objects"].values()) != {0}:
+        # A closed page can outlive the settle period by a little on a slow machine (CI once
+        # saw one wave's three pages still alive). A leak stays; a late release does not.
+        after = wait_for_release(churn_server, after)
+    assert set(after["live_objects"].values()) == {0}, (after["live_objects"],
+                                                        after["python_threads"])
     # Documents and Panel periodic callbacks beyond the server's own (Panel runs one, Bokeh may
     # hold a document outside any session): none left by the closed sessions.
     assert after["documents"] <= before["documents"]
