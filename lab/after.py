@@ -14,6 +14,7 @@ import panel as pn
 from lab.content import Content, to_plain
 from lab.demo import DemoController
 from lab.demo_view import open_plot
+from lab.late import made_late
 from lab.sections import html_pane, section_heading
 from lab.state import LabState
 from widgets.base import served
@@ -63,7 +64,7 @@ class LazyPanel(pn.viewable.Viewer):
     def open(self) -> list:
         """Build the panel's views (once) and show them in place of the button."""
         if self.views is None:
-            self.views = self._build()
+            self.views = made_late(self._build)
             self.layout.objects = [self.layout.objects[0], *self.views]
         return self.views
 

@@ -8,6 +8,7 @@ import panel as pn
 
 from lab.content import Content
 from lab.demo import DemoController
+from lab.late import made_late
 from lab.prediction import attach_prediction_gate
 from lab.sections import section_heading
 from widgets.inquiry import PLOT_TITLES
@@ -114,9 +115,10 @@ def plot_card(title: str, plot, plot_id: str) -> pn.Column:
 
 
 # The demo's plots, two to a tab, each tab one question. Only the open tab is built for the
-# browser (`pn.Tabs(dynamic=True)`): a plot is 50-80 Bokeh models, and each model is page-process
-# work for every session (docs/classroom.md, "Plots in tabs"). Plots in closed tabs still follow
-# every run in Python, so a tab opens on the current run.
+# browser (`pn.Tabs(dynamic=True)`), and a closed tab's plots build their figures only when it
+# first opens: a plot is 50-80 Bokeh models and 25-40 ms of page-process CPU, for every session
+# (docs/classroom.md, "Plots in tabs" and "Figures built when shown"). Plots in closed tabs still
+# follow every run in Python (their sources, text and tables), so a tab opens on the current run.
 PLOT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Latency and steps", ("latency", "timeline")),
     ("KV memory and pages", ("kv_memory", "page_map")),
@@ -125,16 +127,32 @@ PLOT_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+def tab_content(demo: DemoController, plot_ids: tuple[str, ...]) -> pn.FlexBox:
+    """One tab's plot cards, side by side on a wide screen."""
+    plots = [getattr(demo, plot_id) for plot_id in plot_ids]
+    return pn.FlexBox(*(plot_card(getattr(plot, "heading", None) or PLOT_TITLES[plot.plot_id],
+                                  plot, plot.plot_id) for plot in plots),
+                      gap="8px 20px", sizing_mode="stretch_width", css_classes=["plot-grid"])
+
+
 def plot_tabs(demo: DemoController) -> pn.Tabs:
-    """The demo's plots in their tabs; the first tab is open."""
-    tabs = []
-    for label, plot_ids in PLOT_GROUPS:
-        plots = [getattr(demo, plot_id) for plot_id in plot_ids]
-        cards = (plot_card(getattr(plot, "heading", None) or PLOT_TITLES[plot.plot_id], plot,
-                           plot.plot_id) for plot in plots)
-        tabs.append((label, pn.FlexBox(*cards, gap="8px 20px", sizing_mode="stretch_width",
-                                       css_classes=["plot-grid"])))
-    return pn.Tabs(*tabs, dynamic=True, sizing_mode="stretch_width", css_classes=["plot-tabs"])
+    """The demo's plots in their tabs; the first tab is open, each other tab holds a placeholder
+    until it first opens, when its cards are made (`made_late`: styled like the first tab's) and
+    the plots in them build their figures."""
+    tabs = pn.Tabs(*((label, tab_content(demo, plot_ids) if index == 0 else pn.Spacer())
+                     for index, (label, plot_ids) in enumerate(PLOT_GROUPS)),
+                   dynamic=True, sizing_mode="stretch_width", css_classes=["plot-tabs"])
+    built = {0}
+
+    def build(event) -> None:
+        index = event.new
+        if index not in built and 0 <= index < len(PLOT_GROUPS):
+            built.add(index)
+            label, plot_ids = PLOT_GROUPS[index]
+            tabs[index] = (label, made_late(lambda: tab_content(demo, plot_ids)))
+
+    tabs.param.watch(build, "active")
+    return tabs
 
 
 def open_plot(tabs: pn.Tabs, plot_id: str) -> None:

@@ -36,9 +36,9 @@ def figures_in(doc) -> list[Plot]:
     return [m for m in doc.models if isinstance(m, Plot)]
 
 
-def tab_figures(tab) -> list[Plot]:
-    """The figures a tab holds, as Python objects (built or not)."""
-    return [pane.object for pane in tab.select(pn.pane.Bokeh)]
+def plot_figures(plot) -> list[Plot]:
+    """The figures a plot draws in (building them, if its tab has not been opened)."""
+    return [part.object for whole in plot.parts() for part in whole.select(pn.pane.Bokeh)]
 
 
 def test_a_whole_page_stays_under_its_model_budget(page_doc):
@@ -53,20 +53,27 @@ def test_each_stylesheet_is_one_model_per_page(page_doc):
 
 def test_only_the_open_plot_tab_is_built_and_a_tab_is_built_when_opened(built):
     doc, page = built
-    tabs = page.demo.plot_tabs
+    demo, tabs = page.demo, page.demo.plot_tabs
     assert tabs.active == 0 and len(tabs) == 4
-    first, third = tab_figures(tabs[0]), tab_figures(tabs[2])
-    assert first and third
+    assert demo.latency.built and demo.timeline.built
+    closed = [demo.kv_memory, demo.page_map, demo.queue, demo.policy, demo.tpot_batch,
+              demo.goodput_rate]
+    assert not any(plot.built for plot in closed)  # no figure made for a tab nobody opened
+    first = plot_figures(demo.latency) + plot_figures(demo.timeline)
     assert set(map(id, figures_in(doc))) == set(map(id, first))
     tabs.active = 2  # as a click on the tab does
-    in_doc = set(map(id, figures_in(doc)))
-    assert set(map(id, third)) <= in_doc
+    assert demo.queue.built and demo.policy.built and not demo.kv_memory.built
+    third = plot_figures(demo.queue) + plot_figures(demo.policy)
+    assert third and set(map(id, third)) <= set(map(id, figures_in(doc)))
     tabs.active = 0
 
 
 def test_figures_keep_their_hover_tooltips_without_zoom_tools(built):
     _doc, page = built
-    figures = [fig for tab in page.demo.plot_tabs for fig in tab_figures(tab)]
+    demo = page.demo
+    figures = [fig for plot in (demo.latency, demo.timeline, demo.kv_memory, demo.page_map,
+                                demo.queue, demo.policy, demo.tpot_batch, demo.goodput_rate)
+               for fig in plot_figures(plot)]
     assert len(figures) == 12
     for fig in figures:
         assert [type(t).__name__ for t in fig.tools] == ["HoverTool"] * len(fig.tools)

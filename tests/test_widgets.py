@@ -13,7 +13,7 @@ from bokeh.document import Document
 from bokeh.models import ColumnDataSource
 from bokeh.plotting import figure
 
-from engine.analytic import DeviceProbe, kv_bytes, waste_tokens
+from engine.analytic import DeviceProbe, RunningBounds, kv_bytes, waste_tokens
 from engine.config import PRESETS, SLO, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.metrics import summarize
@@ -120,6 +120,52 @@ def test_show_then_reset_clears(cls, run):
         assert all(len(col) == 0 for col in source.data.values())
 
 
+def drawn_state(component) -> list:
+    """What a component's figures show, property by property, in a form two builds compare."""
+    state = []
+    for fig in sorted(figures(component) or component.figs.values(),
+                      key=lambda f: f.title.text if f.title else ""):
+        ranges = [(r.start, r.end) for r in (fig.x_range, fig.y_range)
+                  if type(r).__name__ == "Range1d"]
+        spans = [(a.location, a.visible) for a in fig.center if type(a).__name__ == "Span"]
+        data = [dict(r.data_source.data) for r in fig.renderers]
+        labels = [dict(axis.major_label_overrides) for axis in fig.yaxis]
+        state.append((fig.title.text, fig.height, ranges, spans, data, labels))
+    return state
+
+
+def draw_all(component, run_tuple) -> None:
+    trace, summary, slo, _ = run_tuple
+    if isinstance(component, PolicyComparison):
+        component.show("continuous", trace, slo)
+        component.show("static", trace, slo)
+        return
+    component.show(trace, summary, slo)
+    if isinstance(component, TPOTBatchPlot):
+        component.show_sweep([(1, 2.0), (4, 3.0)], [(1, 0.5, 0.1), (4, 0.8, 0.4)], 4,
+                             pending=True, ridge=2.5)
+    if isinstance(component, GoodputRatePlot):
+        component.show_sweep({0.5: trace, 2.0: trace}, 3, slo)
+    if isinstance(component, QueuePlot):
+        component.set_bounds(RunningBounds(batch_cap=8, at_full_length=6, on_prompt=12,
+                                           num_blocks=64, blocks_full=10.0))
+
+
+@pytest.mark.parametrize("cls", PLOTS + (PolicyComparison,))
+def test_a_plot_drawn_before_it_is_shown_opens_on_what_was_drawn(cls, run):
+    """The demo's closed tabs build their figures only when opened; until then every run is
+    drawn into the plot's sources and small models alone. Opened late, a plot shows exactly
+    what one built from the start shows."""
+    early, late = cls(), cls()
+    early.parts()
+    assert early.built and not late.built
+    draw_all(early, run)
+    draw_all(late, run)
+    assert not late.built  # drawing makes no figure
+    late.parts()
+    assert late.built and drawn_state(late) == drawn_state(early) != []
+
+
 @pytest.mark.parametrize("cls", STREAMING)
 def test_streaming_in_chunks_matches_show(cls, run, monkeypatch):
     trace, summary, slo, info = run
@@ -156,6 +202,7 @@ def test_latency_plot_counts_and_colours_by_slo(run):
     assert f"TPOT p50 {fmt_num(summary.tpot_ms.p50)} ms" in c.text
     assert c.source.data["status"].count("met both SLOs") == good
     assert c.ttft_span.location == 50 and c.tpot_span.location == 5
+    c.parts()  # the figures, built on the range the run set
     assert c.ttft_fig.y_range.end >= max(c.source.data["ttft_ms"] + [50])
     loose = SLO(ttft_ms=1e6, tpot_ms=1e6)
     c.show(trace, summarize(trace, loose), loose)
@@ -217,6 +264,7 @@ def test_kv_memory_formula_names_B_and_T_and_the_contiguous_reservation(run):
     trace, summary, slo, info = run
     c = KVMemoryPlot()
     c.show(trace, summary, slo)
+    c.parts()
     legend = [item.label.value for item in c.reference_fig.legend[0].items]
     assert any("2·B·L·T·H_kv·d_head·s" in label for label in legend), legend
     peak = max(trace.steps, key=lambda s: s.kv_bytes_used)
@@ -279,7 +327,7 @@ def test_tpot_batch_sweep_and_current_point(run):
     assert c.measured.data["batch"] == [1, 2] and len(c.floor.data["batch"]) == 3
     assert c.floor.data["floor_ms"] == [0.5, 0.6, 0.8]  # the higher of the two floors
     assert c.current.data == {"batch": [2], "tpot_ms": [2.5]}
-    assert "still running" in c.fig.title.text and "batch 1: 2.00 ms (floor 0.500 ms" in c.text
+    assert "still running" in c.title.text and "batch 1: 2.00 ms (floor 0.500 ms" in c.text
     assert c.ridge_span.visible and c.ridge_span.location == 3.4 and "cross" in c.text
     c.show_sweep([(1, 2.0), (2, 2.5), (4, 3.0)], floors, 2, False)
     assert "still" not in c.text and "batch 4: 3.00 ms (floor 0.800 ms" in c.text
@@ -326,12 +374,14 @@ def test_redraws_change_ticks_in_place_instead_of_new_tickers(run):
     """A new Bokeh model per redraw costs every open page a model swap; the tickers stay put."""
     trace, summary, slo, _ = run
     tpot = TPOTBatchPlot()
+    tpot.parts()
     ticker = tpot.fig.xaxis[0].ticker
     tpot.show_sweep([(1, 2.0)], [(1, 0.5, 0.1), (2, 0.6, 0.2)], 1, pending=True)
     tpot.show_sweep([(1, 2.0), (4, 3.0)], [(1, 0.5, 0.1), (2, 0.6, 0.2), (4, 0.8, 0.4)], 1,
                     pending=False)
     assert tpot.fig.xaxis[0].ticker is ticker and list(ticker.ticks) == [1, 2, 4]
     pages = PageMap()
+    pages.parts()
     row_ticker = pages.fig.yaxis[0].ticker
     pages.show(trace, summary, slo)
     rows = list(row_ticker.ticks)

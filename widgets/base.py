@@ -1,7 +1,10 @@
 """The common shape of every plot component: a body, a text equivalent, and reset/add_steps/show.
 
-A subclass builds its Bokeh figures and sources in `__init__`, returns their panes from `_body`, and
-keeps `text` (a plain-language equivalent with the key numbers) in step with what it draws. A plot given
+A subclass makes in `__init__` its data sources and the few small models its updates change (spans,
+ranges, titles, tickers), and builds its figures around them in `_body`, which runs the first time
+the plot is shown: a plot in a closed tab costs no figure until the tab opens (docs/classroom.md,
+"Figures built when shown"). It keeps `text` (a plain-language equivalent with the key numbers) in
+step with what it draws. A plot given
 a `run` (a `RunState`) follows it: a new run clears it, streamed steps extend it, a finished run
 (or the same run under new targets) is drawn whole. The run state changes only on the session's
 event loop (lab/ticker.py), so these methods mutate Bokeh sources directly.
@@ -51,8 +54,13 @@ class PlotComponent(pn.viewable.Viewer):
         self.text_pane.object = self.text
 
     def _body(self) -> list[pn.viewable.Viewable]:
-        """The plot area's panes, top to bottom, built once by the subclass."""
+        """The plot area's panes, top to bottom: the figures, built once, when first shown."""
         raise NotImplementedError
+
+    @property
+    def built(self) -> bool:
+        """Whether the figures exist yet (they are built when the plot is first shown)."""
+        return self._parts is not None
 
     def parts(self) -> list[pn.viewable.Viewable]:
         """The plot area's panes and the text under them, for a layout that holds them itself

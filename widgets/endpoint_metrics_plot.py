@@ -13,6 +13,7 @@ from typing import Any
 
 import panel as pn
 from bokeh.models import ColumnDataSource, DataRange1d, Range1d
+from bokeh.plotting import figure
 
 from engine.config import SLO
 from engine.metrics import Summary
@@ -79,7 +80,12 @@ class _SampledPlot(PlotComponent):
         self.text = self._describe()
 
     def _body(self) -> list[pn.viewable.Viewable]:
-        return [plot_pane(self.fig)]  # the figure is the subclass's
+        self.fig = self._figure()
+        return [plot_pane(self.fig)]
+
+    def _figure(self) -> figure:
+        """The subclass's figure over `self.source`, built when the plot is first shown."""
+        raise NotImplementedError
 
     def _describe(self) -> str:
         raise NotImplementedError
@@ -96,13 +102,13 @@ class EndpointKVPlot(_SampledPlot):
     plot_id = "kv_memory"
     heading = "KV cache use over time (the endpoint's /metrics)"
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self.fig = make_figure("KV cache in use", "seconds into the run", "% of KV cache",
-                               x_range=DataRange1d(range_padding=0.02), y_range=Range1d(0, 100))
-        line = self.fig.line("t", "kv_pct", source=self.source, color=MET, line_width=2)
-        self.fig.scatter("t", "kv_pct", source=self.source, color=MET, size=4)
-        add_hover(self.fig, [line], [("time", "@t{0.00} s"), ("KV cache in use", "@kv_pct{0.0} %")])
+    def _figure(self) -> figure:
+        fig = make_figure("KV cache in use", "seconds into the run", "% of KV cache",
+                          x_range=DataRange1d(range_padding=0.02), y_range=Range1d(0, 100))
+        line = fig.line("t", "kv_pct", source=self.source, color=MET, line_width=2)
+        fig.scatter("t", "kv_pct", source=self.source, color=MET, size=4)
+        add_hover(fig, [line], [("time", "@t{0.00} s"), ("KV cache in use", "@kv_pct{0.0} %")])
+        return fig
 
     def _describe(self) -> str:
         if self.unavailable:
@@ -127,18 +133,18 @@ class EndpointQueuePlot(_SampledPlot):
     plot_id = "queue"
     heading = "Running and waiting over time (the endpoint's /metrics)"
 
-    def __init__(self, **params: Any) -> None:
-        super().__init__(**params)
-        self.fig = make_figure("Running and waiting requests", "seconds into the run", "requests",
-                               x_range=DataRange1d(range_padding=0.02),
-                               y_range=DataRange1d(start=0, range_padding=0.15))
-        run = self.fig.step("t", "running", source=self.source, mode="after", color=DECODE,
-                            line_width=2, legend_label="running")
-        self.fig.step("t", "waiting", source=self.source, mode="after", color=PREFILL,
-                      line_width=2, line_dash="dotdash", legend_label="waiting")
-        add_hover(self.fig, [run], [("time", "@t{0.00} s"), ("running", "@running"),
-                                    ("waiting", "@waiting")])
-        self.fig.legend.location = "top_right"
+    def _figure(self) -> figure:
+        fig = make_figure("Running and waiting requests", "seconds into the run", "requests",
+                          x_range=DataRange1d(range_padding=0.02),
+                          y_range=DataRange1d(start=0, range_padding=0.15))
+        run = fig.step("t", "running", source=self.source, mode="after", color=DECODE,
+                       line_width=2, legend_label="running")
+        fig.step("t", "waiting", source=self.source, mode="after", color=PREFILL,
+                 line_width=2, line_dash="dotdash", legend_label="waiting")
+        add_hover(fig, [run], [("time", "@t{0.00} s"), ("running", "@running"),
+                               ("waiting", "@waiting")])
+        fig.legend.location = "top_right"
+        return fig
 
     def _describe(self) -> str:
         if self.unavailable:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import panel as pn
-from bokeh.models import ColumnDataSource, LinearAxis, Range1d, Span
+from bokeh.models import ColumnDataSource, LinearAxis, Range1d, Span, Title
 
 from engine.config import SLO
 from engine.metrics import Summary, summarize
@@ -63,10 +63,17 @@ class GoodputRatePlot(PlotComponent):
         self.traces: dict[float, Trace] = {}
         self.expected = 0  # rates the sweep will measure
         self.source = ColumnDataSource(data=empty(COLUMNS))
+        # The models each redraw changes, made once; the figure holds them.
+        self.title = Title(text=TITLE)
         # A log axis needs a positive range before any data: BokehJS cannot auto-range an empty one.
-        self.fig = make_figure(TITLE, "arrival rate (requests/s, log scale)", "goodput (req/s)",
-                               height=280, x_axis_type="log", x_range=Range1d(0.2, 80))
-        self.fig.y_range = Range1d(0, 1)
+        self.x_range, self.y_range = Range1d(0.2, 80), Range1d(0, 1)
+        self.knee_span = Span(dimension="height", location=1, line_color=TARGET, line_width=3,
+                              line_alpha=0.7, visible=False, name="knee")
+
+    def _body(self) -> list[pn.viewable.Viewable]:
+        self.fig = make_figure(self.title, "arrival rate (requests/s, log scale)",
+                               "goodput (req/s)", height=280, x_axis_type="log",
+                               x_range=self.x_range, y_range=self.y_range)
         self.fig.extra_y_ranges = {"share": Range1d(0, 105)}
         self.fig.add_layout(LinearAxis(y_range_name="share", axis_label="SLO attainment (%)"),
                             "right")
@@ -78,20 +85,15 @@ class GoodputRatePlot(PlotComponent):
                       line_dash="dashed", y_range_name="share", legend_label="SLO attainment")
         self.fig.scatter("rate", "attainment", source=self.source, color=MISSED, size=6,
                          marker="square", y_range_name="share", legend_label="SLO attainment")
-        self.target = Span(dimension="width", location=ATTAINMENT_TARGET * 100,
-                           y_range_name="share", line_color=MISSED, line_dash="dotted",
-                           line_alpha=0.6)
-        self.knee_span = Span(dimension="height", location=1, line_color=TARGET, line_width=3,
-                              line_alpha=0.7, visible=False, name="knee")
-        self.fig.add_layout(self.target)
+        self.fig.add_layout(Span(dimension="width", location=ATTAINMENT_TARGET * 100,
+                                 y_range_name="share", line_color=MISSED, line_dash="dotted",
+                                 line_alpha=0.6))
         self.fig.add_layout(self.knee_span)
         add_hover(self.fig, [dots, line], [("rate", "@rate{0.00} req/s"),
                                            ("goodput", "@goodput{0.00} req/s"),
                                            ("attainment", "@attainment{0} %"),
                                            ("completed", "@throughput{0.00} req/s")])
         legend_below(self.fig, ncols=2)
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [plot_pane(self.fig)]
 
     def reset(self) -> None:
@@ -99,7 +101,7 @@ class GoodputRatePlot(PlotComponent):
         self.traces, self.expected = {}, 0
         self.source.data = empty(COLUMNS)
         self.knee_span.visible = False
-        self.fig.title.text = TITLE
+        self.title.text = TITLE
         super().reset()
 
     def show_sweep(self, traces: dict[float, Trace], expected: int, slo: SLO) -> None:
@@ -115,15 +117,15 @@ class GoodputRatePlot(PlotComponent):
                             "attainment": [100 * p.attainment for p in points],
                             "throughput": [p.throughput for p in points]}
         if points:
-            self.fig.x_range.update(start=points[0].rate / 1.4, end=points[-1].rate * 1.4)
+            self.x_range.update(start=points[0].rate / 1.4, end=points[-1].rate * 1.4)
         top = max((max(p.goodput, p.throughput) for p in points), default=1.0)
-        self.fig.y_range.end = top * 1.15 or 1.0
+        self.y_range.end = top * 1.15 or 1.0
         best = knee(points)
         self.knee_span.visible = best is not None
         if best is not None:
             self.knee_span.location = best.rate
         pending = len(points) < self.expected
-        self.fig.title.text = TITLE + (" (sweep still running…)" if pending else "")
+        self.title.text = TITLE + (" (sweep still running…)" if pending else "")
         self.text = describe(points, best, pending)
 
     def show(self, trace: Trace, summary: Summary, slo: SLO) -> None:

@@ -77,6 +77,8 @@ class KVMemoryPlot(PlotComponent):
         super().__init__(**params)
         self.source = ColumnDataSource(data=empty(COLUMNS))
         self._info: RunInfo | None = None
+
+    def _body(self) -> list[pn.viewable.Viewable]:
         self.measured_fig = make_figure("Measured (this model)", "engine step",
                                         "KV memory (log scale)", y_axis_type="log",
                                         x_range=DataRange1d(range_padding=0.02), height=300)
@@ -107,8 +109,6 @@ class KVMemoryPlot(PlotComponent):
         self.reference_fig.y_range.renderers = [ref, ref_line]
         legend_below(self.reference_fig, ncols=1)
         add_hover(self.reference_fig, [ref_line], REFERENCE_TIPS)
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [pn.Row(plot_pane(self.measured_fig), plot_pane(self.reference_fig),
                        sizing_mode="stretch_width")]
 

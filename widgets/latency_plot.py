@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import panel as pn
-from bokeh.models import ColumnDataSource, Range1d, Span
+from bokeh.models import ColumnDataSource, Range1d, Span, Title
 from bokeh.transform import factor_cmap, factor_mark
 
 from engine.config import SLO
@@ -36,14 +36,21 @@ class LatencyPlot(PlotComponent):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.source = ColumnDataSource(data=empty(COLUMNS))
-        self.ttft_fig = make_figure("TTFT per request", "", "TTFT (ms)",
-                                    y_range=Range1d(0, 1), x_range=Range1d(-0.5, 0.5))
-        self.tpot_fig = make_figure("TPOT per request", "request id", "TPOT (ms)",
-                                    y_range=Range1d(0, 1), x_range=self.ttft_fig.x_range)
+        # The models each run changes, made once; the figures hold them.
+        self.ttft_title = Title(text="TTFT per request")
+        self.tpot_title = Title(text="TPOT per request")
+        self.x_range = Range1d(-0.5, 0.5)
+        self.ttft_range, self.tpot_range = Range1d(0, 1), Range1d(0, 1)
         self.ttft_span = Span(dimension="width", line_color=TARGET, line_dash="dashed",
                               line_width=2, visible=False)
         self.tpot_span = Span(dimension="width", line_color=TARGET, line_dash="dashed",
                               line_width=2, visible=False)
+
+    def _body(self) -> list[pn.viewable.Viewable]:
+        self.ttft_fig = make_figure(self.ttft_title, "", "TTFT (ms)", y_range=self.ttft_range,
+                                    x_range=self.x_range)
+        self.tpot_fig = make_figure(self.tpot_title, "request id", "TPOT (ms)",
+                                    y_range=self.tpot_range, x_range=self.x_range)
         for fig, column, span in ((self.ttft_fig, "ttft_ms", self.ttft_span),
                                   (self.tpot_fig, "tpot_ms", self.tpot_span)):
             fig.add_layout(span)
@@ -58,15 +65,13 @@ class LatencyPlot(PlotComponent):
             fig.legend.background_fill_alpha = 0.4
             fig.xaxis.ticker.desired_num_ticks = 10
         self.ttft_fig.xaxis.major_label_text_font_size = "0px"  # ids are read off the lower figure
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [plot_pane(self.ttft_fig), plot_pane(self.tpot_fig)]
 
     def reset(self) -> None:
         """Clear for a new run."""
         self.source.data = empty(COLUMNS)
         self.ttft_span.visible = self.tpot_span.visible = False
-        self.ttft_fig.title.text = "TTFT per request"
+        self.ttft_title.text = "TTFT per request"
         super().reset()
 
     def show(self, trace: Trace, summary: Summary, slo: SLO) -> None:
@@ -81,20 +86,20 @@ class LatencyPlot(PlotComponent):
         }
         self.source.data = data
         ids = [r.id for r in trace.requests] or [0]
-        self.ttft_fig.x_range.update(start=min(ids) - 0.5, end=max(ids) + 0.5)
-        for fig, span, values, target in (
-                (self.ttft_fig, self.ttft_span, data["ttft_ms"], slo.ttft_ms),
-                (self.tpot_fig, self.tpot_span, data["tpot_ms"], slo.tpot_ms)):
+        self.x_range.update(start=min(ids) - 0.5, end=max(ids) + 0.5)
+        for y_range, span, values, target in (
+                (self.ttft_range, self.ttft_span, data["ttft_ms"], slo.ttft_ms),
+                (self.tpot_range, self.tpot_span, data["tpot_ms"], slo.tpot_ms)):
             span.visible = target is not None
             if target is not None:
                 span.location = target
             top = max([v for v in values if v == v] + [target or 0.0, 1e-3])  # NaN: no TPOT
-            fig.y_range.update(start=0, end=top * 1.3)  # room for the legend above the marks
-        self.ttft_fig.title.text = (
+            y_range.update(start=0, end=top * 1.3)  # room for the legend above the marks
+        self.ttft_title.text = (
             f"TTFT per request · goodput {fmt_num(summary.goodput_rps)} req/s · "
             f"SLO attainment {fmt_num(summary.slo_attainment * 100)} %"
             + (f" · dashed: τ_TTFT = {fmt_ms(slo.ttft_ms)}" if slo.ttft_ms is not None else ""))
-        self.tpot_fig.title.text = "TPOT per request" + (
+        self.tpot_title.text = "TPOT per request" + (
             f" · dashed: τ_TPOT = {fmt_ms(slo.tpot_ms)}" if slo.tpot_ms is not None else "")
         self.text = self._describe(trace, summary, slo, data["status"].count(STATUSES[0]),
                                    sum(n == 1 for n in data["tokens"]))

@@ -94,16 +94,25 @@ class PageMap(PlotComponent):
         self.waste_formula: int | None = None  # sum of ceil(T/P)*P - T over the same requests
         self.cells = ColumnDataSource(data=empty(CELL_COLUMNS))
         self.waste = ColumnDataSource(data=empty(WASTE_COLUMNS))
+        # Made here, for the figure's whole life: each run changes a property of these (a new
+        # Bokeh model per run costs every open page a model replacement) whether or not the
+        # figure is built yet.
+        self._rows = Range1d(1, 0)
+        self._row_ticks = FixedTicker(ticks=[])
+        self._row_labels: dict[float, str] = {}
+        self._height = 160
+        self.table = pn.pane.HTML("", css_classes=["page-table"], stylesheets=[TABLE_CSS],
+                                  width=400, margin=(10, 10))
+
+    def _body(self) -> list[pn.viewable.Viewable]:
         self.fig = make_figure("KV pages at peak use", "block id within row",
                                "first id in row", x_range=Range1d(0, COLS),
-                               y_range=Range1d(1, 0), height=160)
+                               y_range=self._rows, height=self._height)
         self.fig.grid.visible = False
         self.fig.xaxis.ticker = FixedTicker(ticks=[i + 0.5 for i in range(0, COLS, 4)])
         self.fig.xaxis.major_label_overrides = {i + 0.5: str(i) for i in range(0, COLS, 4)}
-        # One ticker for the figure's life: a new Bokeh model per run costs every open page a
-        # model replacement, where changing `ticks` sends one property.
-        self._row_ticks = FixedTicker(ticks=[])
         self.fig.yaxis.ticker = self._row_ticks
+        self.fig.yaxis.major_label_overrides = self._row_labels
         cells = self.fig.rect("x", "y", width=0.92, height=0.85, source=self.cells,
                               fill_color="color", fill_alpha="alpha", line_color=None)
         marks = self.fig.rect("x", "y", width="width", height=0.85, source=self.waste,
@@ -115,10 +124,6 @@ class PageMap(PlotComponent):
         add_hover(self.fig, [cells], TOOLTIPS)
         add_hover(self.fig, [marks], [("block", "@block"), ("request", "@owner"),
                                       ("empty slots (waste)", "@empty")])
-        self.table = pn.pane.HTML("", css_classes=["page-table"], stylesheets=[TABLE_CSS],
-                                  width=400, margin=(10, 10))
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [pn.Row(plot_pane(self.fig), self.table, sizing_mode="stretch_width")]
 
     def reset(self) -> None:
@@ -140,12 +145,15 @@ class PageMap(PlotComponent):
             return
         cells, waste, shown = page_grid(snap)
         rows = shown // COLS
-        self.fig.y_range.update(start=rows, end=0)
+        self._rows.update(start=rows, end=0)
         ticks = [r + 0.5 for r in range(rows)]
         if self._row_ticks.ticks != ticks:  # unchanged rows send nothing to the browser
             self._row_ticks.ticks = ticks
-            self.fig.yaxis.major_label_overrides = {r + 0.5: str(r * COLS) for r in range(rows)}
-        self.fig.height = min(420, 130 + 28 * rows)
+            self._row_labels = {r + 0.5: str(r * COLS) for r in range(rows)}
+        self._height = min(420, 130 + 28 * rows)
+        if self.built:
+            self.fig.yaxis.major_label_overrides = self._row_labels
+            self.fig.height = self._height
         self.cells.data, self.waste.data = cells, waste
         self.waste_measured = sum(snap.waste(r) for r in snap.tables)
         self.waste_formula = sum(waste_tokens(t, snap.block_size) for t in snap.tokens.values())

@@ -69,12 +69,21 @@ class PolicyComparison(pn.viewable.Viewer):
         self.sources = {p: ColumnDataSource(data=empty(COLUMNS)) for p in POLICIES}
         self.caps = {p: Span(dimension="width", location=1, line_color=NEUTRAL, line_dash="dashed",
                              line_width=2, visible=False) for p in POLICIES}
+        self._y_range = Range1d(0, 1)  # shared by both figures; each shown run may raise it
+        self.figs: dict = {}
+        self._parts: list[pn.viewable.Viewable] | None = None
+        self._layout: pn.Column | None = None
+
+    @property
+    def built(self) -> bool:
+        """Whether the figures exist yet (they are built when the comparison is first shown)."""
+        return self._parts is not None
+
+    def _build(self) -> list[pn.viewable.Viewable]:
         shared_x = DataRange1d(start=0, range_padding=0.02)
-        shared_y = Range1d(0, 1)
-        self.figs = {}
         for policy in POLICIES:
             fig = make_figure(f"{LABELS[policy]} batching: sequences in each step", "time (s)",
-                              "sequences", height=190, x_range=shared_x, y_range=shared_y)
+                              "sequences", height=190, x_range=shared_x, y_range=self._y_range)
             colour = PREFILL if policy == "static" else DECODE
             # One bar per step, as wide as the step took: gaps between bars are time the engine
             # waited for arrivals, the band above a bar up to the cap is idle batch slots.
@@ -84,17 +93,18 @@ class PolicyComparison(pn.viewable.Viewer):
             add_hover(fig, [bars], [("t", "@t{0.000} s"), ("running", "@running"),
                                     ("idle slots", "@idle")])
             self.figs[policy] = fig
-        self._y_range = shared_y
-        self._parts = [self.table, *(plot_pane(self.figs[p]) for p in POLICIES), self.text_pane]
-        self._layout: pn.Column | None = None
+        return [self.table, *(plot_pane(self.figs[p]) for p in POLICIES), self.text_pane]
 
     def parts(self) -> list[pn.viewable.Viewable]:
-        """The table, the figures and the text, for a layout that holds them itself."""
+        """The table, the figures and the text, for a layout that holds them itself; the
+        figures are built on the first call (a closed tab's comparison costs none)."""
+        if self._parts is None:
+            self._parts = self._build()
         return self._parts
 
     def __panel__(self) -> pn.Column:
         if self._layout is None:
-            self._layout = pn.Column(*self._parts, name=self.plot_id,
+            self._layout = pn.Column(*self.parts(), name=self.plot_id,
                                      css_classes=["plot", self.plot_id],
                                      sizing_mode="stretch_width")
         return self._layout

@@ -35,6 +35,14 @@ class QueuePlot(PlotComponent):
         self.source = ColumnDataSource(data=empty(COLUMNS))
         self.evictions = ColumnDataSource(data=empty(EVICT_COLUMNS))
         self.bounds: RunningBounds | None = None
+        self.cap_span = Span(dimension="width", line_color=NEUTRAL, line_dash="dotted",
+                             line_width=2, visible=False)
+        self.full_span = Span(dimension="width", line_color=TARGET, line_dash="dashed",
+                              line_width=2, visible=False)
+        self.prompt_span = Span(dimension="width", line_color=TARGET, line_dash="dotted",
+                                line_width=1, visible=False)
+
+    def _body(self) -> list[pn.viewable.Viewable]:
         self.fig = make_figure("Running and waiting sequences", "engine step", "sequences",
                                height=260, x_range=DataRange1d(range_padding=0.02),
                                y_range=DataRange1d(start=0, range_padding=0.15))
@@ -44,19 +52,11 @@ class QueuePlot(PlotComponent):
                       line_width=2, line_dash="dotdash", legend_label="waiting")
         self.fig.scatter("step", "running", source=self.evictions, marker="x", size=11,
                          color=MISSED, line_width=2, legend_label="eviction")
-        self.cap_span = Span(dimension="width", line_color=NEUTRAL, line_dash="dotted",
-                             line_width=2, visible=False)
-        self.full_span = Span(dimension="width", line_color=TARGET, line_dash="dashed",
-                              line_width=2, visible=False)
-        self.prompt_span = Span(dimension="width", line_color=TARGET, line_dash="dotted",
-                                line_width=1, visible=False)
         for span in (self.cap_span, self.full_span, self.prompt_span):
             self.fig.add_layout(span)
         add_hover(self.fig, [run], [("step", "@step"), ("running", "@running"),
                                     ("waiting", "@waiting")])
         legend_below(self.fig, ncols=3)
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [plot_pane(self.fig)]
 
     def reset(self) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import panel as pn
-from bokeh.models import CustomJSTickFormatter, GlyphRenderer, HoverTool
+from bokeh.models import CustomJSTickFormatter, GlyphRenderer, HoverTool, Title
 from bokeh.palettes import Colorblind8
 from bokeh.plotting import figure
 
@@ -62,7 +62,7 @@ class RunInfo:
                    device=trace.device, model=trace.model)
 
 
-def make_figure(title: str, x_label: str, y_label: str, height: int = PLOT_HEIGHT,
+def make_figure(title: str | Title, x_label: str, y_label: str, height: int = PLOT_HEIGHT,
                 **kwargs: Any) -> figure:
     """A themed-by-Panel figure that stretches to its column's width, with no tools of its own:
     `add_hover` gives it the one a reader uses, tooltips with the exact numbers. Zoom to a box

@@ -50,6 +50,8 @@ class TimelinePlot(PlotComponent):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.source = ColumnDataSource(data=empty(COLUMNS))
+
+    def _body(self) -> list[pn.viewable.Viewable]:
         self.duration_fig = make_figure("Step duration", "", "step time (ms)",
                                         x_range=DataRange1d(range_padding=0.02),
                                         y_range=DataRange1d(start=0, range_padding=0.25))
@@ -76,8 +78,6 @@ class TimelinePlot(PlotComponent):
         self.load_fig.legend.orientation = "horizontal"
         self.load_fig.legend.background_fill_alpha = 0.4
         add_hover(self.load_fig, [tokens], TOOLTIPS)
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [plot_pane(self.duration_fig), plot_pane(self.load_fig)]
 
     def reset(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import panel as pn
-from bokeh.models import ColumnDataSource, FixedTicker, Range1d, Span
+from bokeh.models import ColumnDataSource, FixedTicker, Range1d, Span, Title
 
 from engine.config import SLO
 from engine.metrics import Summary
@@ -40,12 +40,18 @@ class TPOTBatchPlot(PlotComponent):
         self._current_batch: int | None = None
         self._pending = False
         self._ridge: float | None = None
+        # The models each redraw changes, made once (see _redraw); the figure holds them.
+        self.title = Title(text=TITLE)
+        self._batch_ticks = FixedTicker(ticks=[])
+        self.ridge_span = Span(dimension="height", location=1, line_color=NEUTRAL,
+                               line_dash="dotted", line_width=2, visible=False, name="ridge")
+
+    def _body(self) -> list[pn.viewable.Viewable]:
         # A log axis needs a positive range before any data: BokehJS cannot auto-range an empty one.
-        self.fig = make_figure(TITLE, "batch size (sequences decoding together, log scale)",
+        self.fig = make_figure(self.title, "batch size (sequences decoding together, log scale)",
                                "TPOT (ms)", height=300, x_axis_type="log",
                                x_range=Range1d(0.8, 80))
         self.fig.y_range.start = 0
-        self._batch_ticks = FixedTicker(ticks=[])  # one model for good; see _redraw
         self.fig.xaxis.ticker = self._batch_ticks
         self.fig.line("batch", "memory_ms", source=self.floor, color=TARGET, line_dash="dashed",
                       line_width=2, legend_label="memory floor (measured bandwidth)",
@@ -53,8 +59,6 @@ class TPOTBatchPlot(PlotComponent):
         self.fig.line("batch", "compute_ms", source=self.floor, color=NEUTRAL, line_dash="dashed",
                       line_width=2, legend_label="compute floor (measured FLOP/s)",
                       name="compute-floor")
-        self.ridge_span = Span(dimension="height", location=1, line_color=NEUTRAL,
-                               line_dash="dotted", line_width=2, visible=False, name="ridge")
         self.fig.add_layout(self.ridge_span)
         self.fig.line("batch", "tpot_ms", source=self.measured, color=MET, line_width=2,
                       legend_label="measured TPOT")
@@ -67,8 +71,6 @@ class TPOTBatchPlot(PlotComponent):
         add_hover(self.fig, [here], [("current batch", "@batch"),
                                      ("TPOT", "@tpot_ms{0.000} ms")])
         legend_below(self.fig, ncols=2)
-
-    def _body(self) -> list[pn.viewable.Viewable]:
         return [plot_pane(self.fig)]
 
     def reset(self) -> None:
@@ -79,7 +81,7 @@ class TPOTBatchPlot(PlotComponent):
         self._points, self._floor, self._current_batch, self._pending = [], [], None, False
         self._ridge = None
         self.ridge_span.visible = False
-        self.fig.title.text = TITLE
+        self.title.text = TITLE
         super().reset()
 
     def show_sweep(self, points: list[tuple[int, float]],
@@ -113,7 +115,7 @@ class TPOTBatchPlot(PlotComponent):
         # FixedTicker per redraw was about 40% of a cached slider move's server time.
         if batches and self._batch_ticks.ticks != batches:
             self._batch_ticks.ticks = batches
-        self.fig.title.text = TITLE + (" (sweep still running…)" if self._pending else "")
+        self.title.text = TITLE + (" (sweep still running…)" if self._pending else "")
         self.text = self._describe()
 
     def _describe(self) -> str:

@@ -122,3 +122,32 @@ def test_page_size_changes_waste_as_the_formula_says(loaded):
         r"Measured waste: (\d+) tokens.*?; formula .*?: (\d+) tokens", text).groups())
     assert measured == formula
     assert errors == [], errors
+
+
+# Counts shadow roots that load Bootstrap's whole stylesheet, and finds a heading's font size.
+STANDALONE_CSS_JS = """() => {
+  let n = 0;
+  const walk = (root) => { for (const el of root.querySelectorAll('*')) { if (el.shadowRoot) {
+    if (el.shadowRoot.querySelector('link[href*="bootstrap.min.css"]')) n++;
+    walk(el.shadowRoot); } } };
+  walk(document); return n; }"""
+HEADING_SIZE_JS = """(id) => {
+  const find = (root) => { const el = root.querySelector('#' + id); if (el) return el;
+    for (const n of root.querySelectorAll('*')) { if (n.shadowRoot) {
+      const f = find(n.shadowRoot); if (f) return f; } } return null; };
+  const el = find(document); return el ? getComputedStyle(el).fontSize : null; }"""
+
+
+def test_plots_and_panels_made_after_the_page_are_styled_like_it(loaded):
+    """A plot tab, or an "after the first pass" panel, is made when first opened; it must look
+    like what was made with the page (lab/late.py), not carry Bootstrap's stand-alone CSS."""
+    page, errors, _ = loaded
+    first = page.evaluate(HEADING_SIZE_JS, "plot-latency")
+    standalone = page.evaluate(STANDALONE_CSS_JS)  # the first tab's two text panes among them
+    open_tab(page, "KV memory and pages")
+    expect(page.locator(".kv_memory-text").first).to_be_visible()
+    assert page.evaluate(HEADING_SIZE_JS, "plot-kv_memory") == first
+    page.locator(".after-open-storyboard button").first.click()
+    expect(page.locator(".storyboard-counter").first).to_be_visible()
+    assert page.evaluate(STANDALONE_CSS_JS) <= standalone
+    assert errors == [], errors
