@@ -104,13 +104,18 @@ def status_line(demo: DemoController) -> pn.Row:
         sizing_mode="stretch_width")
 
 
+# Plots whose body is two things side by side (two figures, a figure and a table): each takes a
+# whole row of its tab, since half a row squeezed the page map's grid to a sliver beside its table.
+WIDE_PLOTS = frozenset({"kv_memory", "page_map"})
+
+
 def plot_card(title: str, plot, plot_id: str) -> pn.Column:
     """The plot's title, panes and text in one column: the plot's own column is not built (one
     Panel layout fewer per card, two for the stacked figures)."""
     return pn.Column(pn.pane.HTML(f'<h3 id="plot-{plot_id}" class="plot-title">'
                                   f'{html.escape(title)}</h3>', margin=(0, 10)),
                      *plot.parts(), name=plot_id, sizing_mode="stretch_width",
-                     styles={"flex": "1 1 480px"},
+                     styles={"flex": "1 1 100%" if plot_id in WIDE_PLOTS else "1 1 480px"},
                      css_classes=["plot-card", f"plot-{plot_id}", "plot", plot_id])
 
 
