@@ -7,7 +7,7 @@ fields as this session's widget values, to fill the prompt, and stores them nowh
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import panel as pn
