@@ -92,7 +92,7 @@ class KVMemoryPlot(PlotComponent):
                 ("stored", "holding tokens", PREFILL, "solid")):
             lines.append(self.measured_fig.line("step", column, source=self.source, color=color,
                                                 line_dash=dash, line_width=2, legend_label=label))
-        legend_below(self.measured_fig, ncols=1)
+        legend_below(self.measured_fig, ncols=2)
         add_hover(self.measured_fig, [lines[2]], MEASURED_TIPS)
 
         self.reference_fig = make_figure("Formula (reference 80-layer model)", "engine step",
