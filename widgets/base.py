@@ -30,15 +30,13 @@ def served() -> bool:
     return doc is not None and doc.session_context is not None
 
 
-class PlotComponent(pn.viewable.Viewer):
-    """A plot (or plots) with its text equivalent underneath."""
+class TextedView(pn.viewable.Viewer):
+    """Panes built the first time they are shown, with a text equivalent (`text`) at the bottom:
+    what the demo's plots and the policy comparison share."""
 
     plot_id: ClassVar[str] = "plot"  # stable id, shared with content/inquiry.yaml's `plot` keys
-    heading: ClassVar[str | None] = None  # the card's title, where not the plot id's usual one
 
-    text = param.String(default=WAITING, doc="What the plot shows now, in words and numbers.")
-    run = param.ClassSelector(class_=RunState, default=None,
-                              doc="The session's run this plot follows (None: drawn by hand)")
+    text = param.String(default=WAITING, doc="What the view shows now, in words and numbers.")
 
     def __init__(self, **params: Any) -> None:
         params.setdefault("name", self.plot_id)
@@ -53,20 +51,20 @@ class PlotComponent(pn.viewable.Viewer):
     def _sync_text(self) -> None:
         self.text_pane.object = self.text
 
-    def _body(self) -> list[pn.viewable.Viewable]:
-        """The plot area's panes, top to bottom: the figures, built once, when first shown."""
+    def _build(self) -> list[pn.viewable.Viewable]:
+        """Every pane, top to bottom, the text pane last: made once, when first shown."""
         raise NotImplementedError
 
     @property
     def built(self) -> bool:
-        """Whether the figures exist yet (they are built when the plot is first shown)."""
+        """Whether the panes (and their figures) exist yet."""
         return self._parts is not None
 
     def parts(self) -> list[pn.viewable.Viewable]:
-        """The plot area's panes and the text under them, for a layout that holds them itself
-        (the demo's cards do: a Panel layout is several Bokeh and Panel objects per session)."""
+        """The panes, for a layout that holds them itself (the demo's cards do: a Panel layout is
+        several Bokeh and Panel objects per session); built on the first call."""
         if self._parts is None:
-            self._parts = [*self._body(), self.text_pane]
+            self._parts = self._build()
         return self._parts
 
     def __panel__(self) -> pn.Column:
@@ -75,6 +73,22 @@ class PlotComponent(pn.viewable.Viewer):
                                      css_classes=["plot", self.plot_id],
                                      sizing_mode="stretch_width")
         return self._layout
+
+
+class PlotComponent(TextedView):
+    """A plot (or plots) with its text equivalent underneath."""
+
+    heading: ClassVar[str | None] = None  # the card's title, where not the plot id's usual one
+
+    run = param.ClassSelector(class_=RunState, default=None,
+                              doc="The session's run this plot follows (None: drawn by hand)")
+
+    def _body(self) -> list[pn.viewable.Viewable]:
+        """The plot area's panes, top to bottom: the figures, built once, when first shown."""
+        raise NotImplementedError
+
+    def _build(self) -> list[pn.viewable.Viewable]:
+        return [*self._body(), self.text_pane]
 
     @param.depends("run.cleared", watch=True)
     def _follow_new_run(self) -> None:

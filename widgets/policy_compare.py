@@ -12,12 +12,12 @@ import html
 from typing import Any
 
 import panel as pn
-import param
 from bokeh.models import ColumnDataSource, DataRange1d, Range1d, Span
 
 from engine.config import SLO
 from engine.metrics import Summary, summarize
 from engine.records import Trace
+from widgets.base import TextedView
 from widgets.style import (DECODE, NEUTRAL, PREFILL, WAITING, add_hover, empty, fmt_num,
                            make_figure, plot_pane)
 from widgets.summary_table import CSS as SUMMARY_CSS
@@ -48,15 +48,12 @@ def occupancy(trace: Trace) -> dict[str, list]:
             "idle": [max(0, cap - r) for r in run]}
 
 
-class PolicyComparison(pn.viewable.Viewer):
+class PolicyComparison(TextedView):
     """The same requests under both policies: a table and two stacked step timelines."""
 
     plot_id = "policy"
 
-    text = param.String(default=WAITING, doc="The comparison in words and numbers.")
-
     def __init__(self, **params: Any) -> None:
-        params.setdefault("name", self.plot_id)
         super().__init__(**params)
         self.traces: dict[str, Trace] = {}
         self.values: dict[str, dict[str, float]] = {}
@@ -64,20 +61,11 @@ class PolicyComparison(pn.viewable.Viewer):
         self.same_steps = False  # the workload fits one batch: the other policy is not measured
         self.table = pn.pane.HTML(self._render(), stylesheets=[CSS], name="policy-table",
                                   sizing_mode="stretch_width")
-        self.text_pane = pn.pane.Markdown(self.text, sizing_mode="stretch_width",
-                                          css_classes=["plot-text", "policy-text"], margin=(0, 10))
         self.sources = {p: ColumnDataSource(data=empty(COLUMNS)) for p in POLICIES}
         self.caps = {p: Span(dimension="width", location=1, line_color=NEUTRAL, line_dash="dashed",
                              line_width=2, visible=False) for p in POLICIES}
         self._y_range = Range1d(0, 1)  # shared by both figures; each shown run may raise it
         self.figs: dict = {}
-        self._parts: list[pn.viewable.Viewable] | None = None
-        self._layout: pn.Column | None = None
-
-    @property
-    def built(self) -> bool:
-        """Whether the figures exist yet (they are built when the comparison is first shown)."""
-        return self._parts is not None
 
     def _build(self) -> list[pn.viewable.Viewable]:
         shared_x = DataRange1d(start=0, range_padding=0.02)
@@ -94,24 +82,6 @@ class PolicyComparison(pn.viewable.Viewer):
                                     ("idle slots", "@idle")])
             self.figs[policy] = fig
         return [self.table, *(plot_pane(self.figs[p]) for p in POLICIES), self.text_pane]
-
-    def parts(self) -> list[pn.viewable.Viewable]:
-        """The table, the figures and the text, for a layout that holds them itself; the
-        figures are built on the first call (a closed tab's comparison costs none)."""
-        if self._parts is None:
-            self._parts = self._build()
-        return self._parts
-
-    def __panel__(self) -> pn.Column:
-        if self._layout is None:
-            self._layout = pn.Column(*self.parts(), name=self.plot_id,
-                                     css_classes=["plot", self.plot_id],
-                                     sizing_mode="stretch_width")
-        return self._layout
-
-    @param.depends("text", watch=True)
-    def _sync_text(self) -> None:
-        self.text_pane.object = self.text
 
     def reset(self) -> None:
         """Forget both runs (a new workload)."""
