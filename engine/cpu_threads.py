@@ -6,7 +6,7 @@ run on), the compiled loops' (numba's, also OpenMP: `engine.kernels.cpu_jit`) an
 OpenBLAS. A pool left at one thread per core busy-waits between its jobs on the cores another
 needs, and a decode step then takes several times as long. So the heavy arithmetic of a run goes
 to torch and the compiled loops, which take turns (a decode step's products and attention are
-compiled loops up to 12 or 16 sequences; prefill and larger batches use torch), and OpenMP's threads
+compiled loops up to 512 sequences; prefill chunks and larger batches use torch), and OpenMP's threads
 sleep when idle (`quiet_openmp`); numpy is left the small per-sequence arithmetic, which gains
 nothing from threads, and runs with one OpenBLAS thread (OpenBLAS also repacks a whole weight
 matrix on every call of two rows or more, so no product goes through it).

@@ -295,37 +295,82 @@ def test_engine_runs_products_on_torch_and_compiled_threads_and_openblas_on_one(
         cpu_jit.set_threads(compiled_before)
 
 
-@pytest.mark.parametrize("lens", [[5, 9, 3, 12, 7], [4] * 17])  # 17: MKL on any threads
-def test_a_decode_step_reads_each_weight_once_through_products_made_once(
-        model: Llama, decoder: CpuDecoder, lens: list[int], monkeypatch) -> None:
-    """What batched decode's speed rests on: every weight matrix has one product object, made
-    once when the decoder is built and reading the weight's own memory (nothing is copied or
-    repacked per call); a step of B sequences calls each of them once with all B rows, through
-    the compiled loop up to `most_compiled_rows()` rows and torch's BLAS past it (never numpy's
-    OpenBLAS, which repacks a matrix on every call of 2+ rows), and the compiled loop is compiled
-    once for every batch size. Attention reads the cache itself, not a gathered copy."""
+@pytest.mark.parametrize("rows", [1, 2, 7, 12, 13, 16, 25, 40])
+@pytest.mark.parametrize("out_features, in_features", [(64, 48), (40, 33), (96, 1)])
+def test_panel_products_match_torch_at_every_tile_size(rows: int, out_features: int,
+                                                       in_features: int) -> None:
+    """Every tile size (1 to 12 rows, and the splits past 12), widths that are not whole panels,
+    and a single step of k, against torch in float64."""
+    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(rows, in_features, generator=gen)
+    product = cpu_products.WeightProduct(weight)
+    want = (x.double() @ weight.double().T).numpy()
+    for tile_rows in (product.tile_rows, 2):  # this CPU's tiles, and those of a CPU without AVX-512
+        product.tile_rows = tile_rows
+        got = product(x.numpy())
+        assert got.shape == (rows, out_features) and got.flags["C_CONTIGUOUS"]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=f"rows of {in_features} inputs"):
+        product(np.ones((rows, in_features + 1), np.float32))
+
+
+def test_panels_hold_the_matrix_k_major_with_zeros_past_its_width() -> None:
+    weight = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)
+    panels = cpu_products.pack_panels(weight)
+    width = cpu_products.PANEL
+    assert panels.shape == (2, 3, width)
+    for p in range(2):
+        for k in range(3):
+            for j in range(width):
+                row = p * width + j
+                assert panels[p, k, j] == (weight[row, k] if row < 40 else 0)
+
+
+@pytest.mark.parametrize("lens, most_panel_rows", [([5, 9, 3, 12, 7], 512), ([4] * 17, 16)])
+def test_a_decode_step_reads_each_weight_once_through_panels_packed_once(
+        model: Llama, lens: list[int], most_panel_rows: int, monkeypatch) -> None:
+    """What batched decode's speed rests on: every weight matrix has one product object, whose
+    panels are packed once, when the decoder is built, into memory of their own (never repacked
+    on a call); a step of B sequences calls each product once with all B rows, through the panel
+    kernel up to `MOST_PANEL_ROWS` rows and torch's BLAS on the model's own matrix past it (never
+    numpy's OpenBLAS, which repacks a matrix on every call of 2+ rows), and the panel kernel is
+    compiled once for every batch size. Attention reads the cache itself, not a gathered copy."""
+    packs: list[tuple[int, int]] = []
+    pack = cpu_products.pack_panels
+
+    def counting_pack(weight: np.ndarray, *rest) -> np.ndarray:
+        packs.append(weight.shape)
+        return pack(weight, *rest)
+
+    monkeypatch.setattr(cpu_products, "pack_panels", counting_pack)
+    decoder = CpuDecoder(model)
     products = [decoder.lm_head] + [p for w in decoder.layers for p in (w.qkv, w.o, w.gate_up,
                                                                          w.down)]
-    assert len({id(p) for p in products}) == 4 * CFG.num_hidden_layers + 1
+    assert len({id(p) for p in products}) == len(packs) == 4 * CFG.num_hidden_layers + 1
     weights = {model.lm_head.weight.data_ptr()} | {m.data_ptr() for layer in model.model.layers
                                                   for m in (layer.self_attn.qkv_weight,
                                                             layer.self_attn.o_proj.weight,
                                                             layer.mlp.gate_up_weight,
                                                             layer.mlp.down_proj.weight)}
     assert {p.weight.data_ptr() for p in products} == weights
-    assert {p.rows.ctypes.data for p in products} == weights  # the loop reads them in place
+    panels = {p.panels.ctypes.data for p in products}
+    assert len(panels) == len(products) and not panels & weights  # packed copies, one each
+    for p in products:
+        np.testing.assert_array_equal(p.panels, pack(p.weight.numpy()))
     calls: list[tuple[int, int]] = []
-    compiled, linear = cpu_products.rows_times_weight, torch.nn.functional.linear
+    compiled, linear = cpu_products.panel_product, torch.nn.functional.linear
 
-    def counting_loop(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
-        calls.append((x.shape[0], w.ctypes.data))
-        compiled(x, w, out)
+    def counting_kernel(x: np.ndarray, packed: np.ndarray, *rest) -> None:
+        calls.append((x.shape[0], packed.ctypes.data))
+        compiled(x, packed, *rest)
 
     def counting_linear(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:
         calls.append((x.shape[0], w.data_ptr()))
         return linear(x, w, *rest)
 
-    monkeypatch.setattr(cpu_products, "rows_times_weight", counting_loop)
+    monkeypatch.setattr(cpu_products, "panel_product", counting_kernel)
+    monkeypatch.setattr(cpu_products, "MOST_PANEL_ROWS", most_panel_rows)
     monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
     attended: list[np.ndarray] = []
     attention = cpu_attention.paged_attention
@@ -333,11 +378,13 @@ def test_a_decode_step_reads_each_weight_once_through_products_made_once(
                         lambda q, k, v, *rest: (attended.append(k), attention(q, k, v, *rest)))
     cache, *inputs = _decode_inputs(model, lens, 4, 40, True, seed=5)
     _run(model, decoder, cache, *inputs)
-    assert sorted(ptr for _, ptr in calls) == sorted(weights)  # each weight once, no other product
+    read = weights if len(lens) > most_panel_rows else panels
+    assert sorted(ptr for _, ptr in calls) == sorted(read)  # each weight once, no other product
     assert {rows for rows, _ in calls} == {len(lens)}  # all sequences' rows in one call
     assert len(attended) == CFG.num_hidden_layers
     assert all(np.shares_memory(k, cache.k.numpy()) for k in attended)
-    after = [(p, p.weight) for p in products]
+    after = [(p, p.panels) for p in products]
     _run(model, decoder, *_decode_inputs(model, lens, 4, 40, True, seed=6))
-    assert all(p.weight is w for p, w in after)  # the same objects serve the next step
-    assert len(compiled.signatures) == 1  # one compiled loop whatever the batch
+    assert all(p.panels is w for p, w in after)  # the same panels serve the next step
+    assert len(packs) == len(products)  # and nothing was packed again
+    assert len(compiled.signatures) == 1  # one compiled kernel whatever the batch

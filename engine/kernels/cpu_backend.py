@@ -1,15 +1,14 @@
-"""The CPU's weight layout: every matrix a decode step streams, in one huge-page arena, stored
-(out, in), row-major.
+"""The CPU's weight layout: every matrix a step streams, in one huge-page arena, stored (out, in),
+row-major.
 
-A CPU decode step multiplies a few rows by every weight matrix, so it is paced by reading the
-weights. Two things make that reading cheaper, and both are decided here, once, when a model is
-loaded onto the CPU (`engine.weights.load_model`):
+A CPU step multiplies rows by every weight matrix, so it is paced by reading the weights. Two
+things make that reading cheaper, and both are decided here, once, when a model is loaded onto the
+CPU (`engine.weights.load_model`):
 - huge pages: with 4 KiB pages, streaming the weights costs tens of thousands of TLB misses a step;
   with 2 MiB pages, a few dozen. The kernel must run transparent huge pages in `always` or
   `madvise` mode; elsewhere the arena is plain anonymous memory and nothing else changes;
-- (out, in) rows: the decode step's compiled product (`engine.kernels.cpu_products`) reads
-  each output's weight row front to back, once per step. (While products went through MKL,
-  (in, out) measured faster; the arena can still hand out either layout.)
+- (out, in) rows, which torch's BLAS reads for prefill chunks, and which the decode step packs
+  once into panels of its own (`engine.kernels.cpu_products`, also in a huge-page arena).
 What each was measured to save is in docs/benchmarks.md ("CPU weight layout"). The model itself
 does not know where its matrices live: parameters keep Hugging Face's names and (out, in) shapes,
 as views into the arena.

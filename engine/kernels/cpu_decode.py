@@ -25,7 +25,8 @@ import torch
 from engine.kernels import cpu_jit
 from engine.kernels import cpu_layer_ops as ops
 from engine.kernels.cpu_attention import PagedDecodeAttention
-from engine.kernels.cpu_products import WeightProduct, most_compiled_rows
+from engine.kernels.cpu_backend import HugePageArena
+from engine.kernels.cpu_products import Allocate, WeightProduct, panels_shape
 
 
 @dataclass
@@ -36,6 +37,20 @@ class _Layer:
     ln_mlp: np.ndarray  # (d,)
     gate_up: WeightProduct  # d -> 2F
     down: WeightProduct  # F -> d
+
+
+def _panel_memory(matrices: list[torch.Tensor]) -> Allocate:
+    """Memory for every matrix's packed panels, from one huge-page arena (as the model's own
+    weights are: `engine.kernels.cpu_backend`), handed out in the order asked."""
+    shapes = [panels_shape(*m.shape) for m in matrices]
+    arena = HugePageArena(sum(HugePageArena.size_of(s, torch.float32) for s in shapes))
+
+    def allocate(shape: tuple[int, ...]) -> np.ndarray:
+        panels, k_len, width = shape
+        return arena.empty(panels * k_len, width, torch.float32, transposed=False).numpy().reshape(
+            shape)
+
+    return allocate
 
 
 class CpuDecoder:
@@ -49,16 +64,18 @@ class CpuDecoder:
                                                 cfg.head_dim)
         self.eps = cfg.rms_norm_eps
         self.scale = np.float32(self.d_head ** -0.5)
+        matrices = [model.lm_head.weight] + [m for layer in model.model.layers for m in (
+            layer.self_attn.qkv_weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_weight,
+            layer.mlp.down_proj.weight)]
+        allocate = _panel_memory(matrices)
+        products = iter([WeightProduct(m, allocate) for m in matrices])
+        self.lm_head = next(products)
         self.layers = [
-            _Layer(layer.input_layernorm.weight.detach().numpy(),
-                   WeightProduct(layer.self_attn.qkv_weight),
-                   WeightProduct(layer.self_attn.o_proj.weight),
-                   layer.post_attention_layernorm.weight.detach().numpy(),
-                   WeightProduct(layer.mlp.gate_up_weight),
-                   WeightProduct(layer.mlp.down_proj.weight))
+            _Layer(layer.input_layernorm.weight.detach().numpy(), next(products), next(products),
+                   layer.post_attention_layernorm.weight.detach().numpy(), next(products),
+                   next(products))
             for layer in model.model.layers]
         self.norm = model.model.norm.weight.detach().numpy()
-        self.lm_head = WeightProduct(model.lm_head.weight)
         self.embed = model.model.embed_tokens.weight.detach().numpy()  # (vocab, d)
         self.cos = np.ascontiguousarray(model.rotary.cos.numpy())  # (max_pos, D)
         self.sin = np.ascontiguousarray(model.rotary.sin.numpy())
@@ -74,7 +91,6 @@ class CpuDecoder:
         """
         batch = ids.shape[0]
         hq, hkv, d = self.n_heads, self.n_kv, self.d_head
-        limit = most_compiled_rows()  # once a step: the thread count does not change within one
         attend = PagedDecodeAttention(block_tables, context_lens)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         slots = np.ascontiguousarray(slots, dtype=np.int64)
@@ -84,14 +100,14 @@ class CpuDecoder:
         ops.rms_norm_into(h, self.layers[0].ln_attn, self.eps, x)
         for i, w in enumerate(self.layers):
             keys, values = k_cache[i], v_cache[i]  # (NB, P, Hkv, D)
-            ops.rope_into_cache(w.qkv(x, limit), self.cos, self.sin, positions, slots, keys,
+            ops.rope_into_cache(w.qkv(x), self.cos, self.sin, positions, slots, keys,
                                 values, self.scale, q)
             # A group's query heads share one K/V head: (B, Hkv, G, D) against the pages.
             heads = attend(q.reshape(batch, hkv, hq // hkv, d), keys, values)
-            ops.add_rms_norm(h, w.o(heads.reshape(batch, hq * d), limit), w.ln_mlp, self.eps, x)
-            gate_up = w.gate_up(x, limit)
+            ops.add_rms_norm(h, w.o(heads.reshape(batch, hq * d)), w.ln_mlp, self.eps, x)
+            gate_up = w.gate_up(x)
             mid = np.empty((batch, gate_up.shape[1] // 2), np.float32)
             ops.swiglu_into(gate_up, mid)
             after = self.layers[i + 1].ln_attn if i + 1 < len(self.layers) else self.norm
-            ops.add_rms_norm(h, w.down(mid, limit), after, self.eps, x)
-        return self.lm_head(x, limit)  # (B, vocab)
+            ops.add_rms_norm(h, w.down(mid), after, self.eps, x)
+        return self.lm_head(x)  # (B, vocab)

@@ -20,6 +20,9 @@ How they are compiled:
   imported, so it runs at the top of this module; a user who set the variable keeps it.
 - Threads: numba's pool is sized per calling thread (`set_threads`); `engine.cpu_threads`
   sizes it with torch's for each run.
+- Vector tiles: where a loop must keep its sums in vector registers and read ahead of itself,
+  which numba's loops do not say, `engine.kernels.cpu_tiles` writes the LLVM instructions itself,
+  as numba intrinsics (`intrinsic`, `types`, re-exported here).
 - `warm_up` compiles (or loads) every kernel once with tiny inputs, so that the first measured
   step does not pay for compilation.
 """
@@ -31,6 +34,14 @@ import sys
 import time
 
 
+@functools.cache
+def has_avx512() -> bool:
+    """Whether the compiled loops run with 32 vector registers of 16 floats (AVX-512)."""
+    import llvmlite.binding as llvm
+
+    return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+
+
 def wide_vectors() -> None:
     """Let LLVM use 512-bit vectors where the CPU has them (see the module docstring)."""
     if "NUMBA_CPU_FEATURES" in os.environ:
@@ -38,13 +49,15 @@ def wide_vectors() -> None:
     import llvmlite.binding as llvm
 
     features = llvm.get_host_cpu_features().flatten()
-    if "+avx512f" in features.split(","):
+    if has_avx512():
         os.environ["NUMBA_CPU_FEATURES"] = features + ",-prefer-256-bit"
 
 
 wide_vectors()
 
 import numba  # noqa: E402  (after wide_vectors, on purpose)
+from numba import types  # noqa: E402,F401  (for engine.kernels.cpu_tiles)
+from numba.extending import intrinsic  # noqa: E402,F401  (likewise)
 
 kernel = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True, nogil=True,
                            boundscheck=False)
@@ -75,14 +88,15 @@ def warm_up() -> None:
     """Compile or load every kernel once in this process (the first call of each compiles).
     A compile (the first start after an install or an edit) takes seconds, and says so."""
     import numpy as np
+    import torch
 
     from engine.kernels import cpu_layer_ops as ops
     from engine.kernels.cpu_attention import paged_attention
-    from engine.kernels.cpu_products import rows_times_weight
+    from engine.kernels.cpu_products import WeightProduct
 
     started = time.perf_counter()
     rows = np.ones((5, 8), np.float32)
-    rows_times_weight(rows, np.ones((6, 8), np.float32), np.empty((5, 6), np.float32))
+    WeightProduct(torch.ones((6, 8)))(rows)
     cache = np.ones((3, 2, 1, 8), np.float32)  # (pages, page size, K/V heads, head size)
     q = np.ones((2, 1, 2, 8), np.float32)
     ints = np.array([3, 1], np.int64)

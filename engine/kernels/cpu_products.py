@@ -1,120 +1,135 @@
-"""The CPU's weight-matrix products: one object per weight, made once when the model is prepared.
+"""The CPU's weight-matrix products: one object per weight, packed once when the decoder is built.
 
 A decode step multiplies a few rows (one per sequence) by every weight matrix, so it is paced by
-reading the matrices. Two libraries were measured and both read more than the matrix:
+reading the matrices, and from about 16 rows on by the arithmetic too. What was measured
+(docs/benchmarks.md, "What made batches slow", "Compiled loops", "Fifth pass"):
 - numpy's OpenBLAS copies ("packs") the whole matrix into blocks on every call of two rows or
   more, so batch 2 cost three times batch 1;
 - torch's MKL packs too, less wastefully: a step's products at batch 8 took two to three times
-  as long as reading the weights once.
-So up to `most_compiled_rows()` rows (12 or 16) the product is `rows_times_weight`, a compiled loop
-(`engine.kernels.cpu_jit`) that reads each weight row once, in place, and multiplies it by every
-input row while it is in the core's cache. Past that, the work per weight read is high enough that
-MKL's tuned blocking wins, and the product goes through torch. Figures: docs/benchmarks.md,
-"Compiled loops".
-
-`WeightProduct` holds the weight as it is read: (out, in) rows, a view of the model's own memory
-(no copy is made; `engine.kernels.cpu_backend` stores the matrices that way).
+  as long as reading the weights once;
+- a numba loop over the (out, in) rows read each weight once, but neither kept its sums in vector
+  registers nor read far enough ahead: at 8 rows and more it cost the read plus the arithmetic.
+So each weight is packed once, here, into panels of `PANEL` output columns stored k-major, and
+`panel_product` runs the vector tiles of `engine.kernels.cpu_tiles` over them: tiles of up to 12
+rows (`tile_rows()`), panels shared out over the threads. Past `MOST_PANEL_ROWS` rows (far beyond
+any decode batch the lab or the bench makes) the product goes to MKL, on the model's own matrix.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from engine.kernels import cpu_jit
 from engine.kernels.cpu_jit import kernel, prange
+from engine.kernels.cpu_tiles import PANEL, tile
+
+# Past this many rows MKL is as fast (the 33 products of a `cpu-30m` step on two threads: 101
+# against 120 ms at 512 rows, 218 against 208 at 1024).
+MOST_PANEL_ROWS = 512
+
+Allocate = Callable[[tuple[int, ...]], np.ndarray]
+
+_T1, _T2, _T3, _T4, _T5, _T6 = tile(1), tile(2), tile(3), tile(4), tile(5), tile(6)
+_T7, _T8, _T9, _T10, _T11, _T12 = tile(7), tile(8), tile(9), tile(10), tile(11), tile(12)
 
 
+def tile_rows() -> int:
+    """The most input rows one tile takes: 12 with AVX-512's 32 vector registers (24
+    accumulators), 2 with AVX2's 16 (each 16-float vector is two registers there)."""
+    return 12 if cpu_jit.has_avx512() else 2
 
-def most_compiled_rows() -> int:
-    """The most rows the compiled loop takes; more go to MKL. Measured crossover on the
-    development box (docs/benchmarks.md, "Compiled loops"): the loop is faster up to 12 rows on
-    one thread and up to 16 on two; past that, MKL is."""
-    return 12 if cpu_jit.threads() == 1 else 16
+
+def panels_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    """(panels, K, PANEL): the packed shape of an (out, in) matrix, out padded to whole panels."""
+    return -(-out_features // PANEL), in_features, PANEL
+
+
+def pack_panels(weight: np.ndarray, allocate: Allocate | None = None) -> np.ndarray:
+    """An (out, in) matrix as (panels, in, PANEL): panel p, step k holds
+    weight[p * PANEL : (p + 1) * PANEL, k]; rows past `out` are zeros. `allocate(shape)` gives
+    the memory (default: numpy's)."""
+    out_features, in_features = weight.shape
+    shape = panels_shape(out_features, in_features)
+    padded = np.zeros((shape[0] * PANEL, in_features), np.float32)
+    padded[:out_features] = weight
+    packed = np.empty(shape, np.float32) if allocate is None else allocate(shape)
+    packed[...] = padded.reshape(shape[0], PANEL, in_features).transpose(0, 2, 1)
+    return packed
 
 
 @kernel
-def rows_times_weight(x, w, out):
-    """out = x @ w.T for x (M, K), w (N, K), out (M, N), all C-contiguous float32.
+def panel_product(x, panels, out, most_rows):
+    """out = x times the packed matrix: x (M, K), panels (P, K, PANEL), out (M, P * PANEL), all
+    C-contiguous float32.
 
-    Output columns are split over the threads, four at a time. For each group of four weight
-    rows (which then stay in the core's first-level cache), input rows are taken four at a time:
-    sixteen dot products share each load, and the compiler turns the loop over K into vector
-    instructions."""
+    Panels are shared out over the threads. Each panel is multiplied by the rows in as few tiles
+    of at most `most_rows` rows as will do, of sizes as even as possible (16 rows: two tiles of
+    8); after the first tile the panel is read from the core's own cache."""
     m_rows, k_len = x.shape
-    n_cols = w.shape[0]
-    for block in prange((n_cols + 3) // 4):
-        j = block * 4
-        if j + 4 > n_cols:  # the last columns of a matrix whose width is not a multiple of 4
-            for jj in range(j, n_cols):
-                for m in range(m_rows):
-                    s = np.float32(0)
-                    for k in range(k_len):
-                        s += x[m, k] * w[jj, k]
-                    out[m, jj] = s
-            continue
+    n_panels = panels.shape[0]
+    width = out.shape[1]
+    x_at = np.int64(x.ctypes.data)
+    panels_at = np.int64(panels.ctypes.data)
+    out_at = np.int64(out.ctypes.data)
+    tiles = (m_rows + most_rows - 1) // most_rows
+    for p in prange(n_panels):
+        w = panels_at + p * k_len * PANEL * 4
         m = 0
-        while m + 4 <= m_rows:
-            a00 = a01 = a02 = a03 = np.float32(0)
-            a10 = a11 = a12 = a13 = np.float32(0)
-            a20 = a21 = a22 = a23 = np.float32(0)
-            a30 = a31 = a32 = a33 = np.float32(0)
-            for k in range(k_len):
-                w0, w1, w2, w3 = w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k]
-                x0, x1, x2, x3 = x[m, k], x[m + 1, k], x[m + 2, k], x[m + 3, k]
-                a00 += x0 * w0
-                a01 += x0 * w1
-                a02 += x0 * w2
-                a03 += x0 * w3
-                a10 += x1 * w0
-                a11 += x1 * w1
-                a12 += x1 * w2
-                a13 += x1 * w3
-                a20 += x2 * w0
-                a21 += x2 * w1
-                a22 += x2 * w2
-                a23 += x2 * w3
-                a30 += x3 * w0
-                a31 += x3 * w1
-                a32 += x3 * w2
-                a33 += x3 * w3
-            out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = a00, a01, a02, a03
-            out[m + 1, j], out[m + 1, j + 1], out[m + 1, j + 2], out[m + 1, j + 3] = (
-                a10, a11, a12, a13)
-            out[m + 2, j], out[m + 2, j + 1], out[m + 2, j + 2], out[m + 2, j + 3] = (
-                a20, a21, a22, a23)
-            out[m + 3, j], out[m + 3, j + 1], out[m + 3, j + 2], out[m + 3, j + 3] = (
-                a30, a31, a32, a33)
-            m += 4
-        while m < m_rows:  # the last one to three rows
-            a0 = a1 = a2 = a3 = np.float32(0)
-            for k in range(k_len):
-                xv = x[m, k]
-                a0 += xv * w[j, k]
-                a1 += xv * w[j + 1, k]
-                a2 += xv * w[j + 2, k]
-                a3 += xv * w[j + 3, k]
-            out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = a0, a1, a2, a3
-            m += 1
+        for t in range(tiles):
+            left = tiles - t
+            r = (m_rows - m + left - 1) // left
+            xm = x_at + m * k_len * 4
+            y = out_at + (m * width + p * PANEL) * 4
+            if r == 1:
+                _T1(xm, k_len, w, y, width, k_len)
+            elif r == 2:
+                _T2(xm, k_len, w, y, width, k_len)
+            elif r == 3:
+                _T3(xm, k_len, w, y, width, k_len)
+            elif r == 4:
+                _T4(xm, k_len, w, y, width, k_len)
+            elif r == 5:
+                _T5(xm, k_len, w, y, width, k_len)
+            elif r == 6:
+                _T6(xm, k_len, w, y, width, k_len)
+            elif r == 7:
+                _T7(xm, k_len, w, y, width, k_len)
+            elif r == 8:
+                _T8(xm, k_len, w, y, width, k_len)
+            elif r == 9:
+                _T9(xm, k_len, w, y, width, k_len)
+            elif r == 10:
+                _T10(xm, k_len, w, y, width, k_len)
+            elif r == 11:
+                _T11(xm, k_len, w, y, width, k_len)
+            else:
+                _T12(xm, k_len, w, y, width, k_len)
+            m += r
 
 
 class WeightProduct:
-    """`x @ weight.T` for numpy rows x: (B, in) -> (B, out)."""
+    """`x @ weight.T` for numpy rows x: (B, in) -> (B, out), over panels packed once, here."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, allocate: Allocate | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError(f"a weight product needs an (out, in) matrix, got {weight.dim()} dims")
-        self.weight = weight.detach()  # (out, in), shares the model's memory
-        if not self.weight.is_contiguous():
-            raise ValueError("a weight product reads (out, in) rows: the weight must be stored "
-                             "row-major (engine.kernels.cpu_backend does so)")
-        self.rows = self.weight.numpy()  # the same memory, as the compiled loop reads it
+        if weight.dtype != torch.float32:
+            raise ValueError(f"the CPU decode step multiplies fp32 weights, not {weight.dtype}")
+        self.weight = weight.detach()  # (out, in), the model's own, for MKL past the panel rows
+        self.out_features = self.weight.shape[0]
+        self.panels = pack_panels(self.weight.numpy(), allocate)
+        self.tile_rows = tile_rows()
 
-    def __call__(self, x: np.ndarray, compiled_rows: int | None = None) -> np.ndarray:
-        """`compiled_rows`: `most_compiled_rows()`, which a caller making many products in a row
-        can ask once (it reads numba's thread count, a few microseconds each time)."""
-        if x.shape[0] > (most_compiled_rows() if compiled_rows is None else compiled_rows):
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != 2 or x.shape[1] != self.panels.shape[1]:  # the kernel trusts its shapes
+            raise ValueError(f"rows of {self.panels.shape[1]} inputs expected, got {x.shape}")
+        if x.shape[0] > MOST_PANEL_ROWS:
             return torch.nn.functional.linear(torch.from_numpy(x), self.weight).numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
-        out = np.empty((x.shape[0], self.rows.shape[0]), np.float32)
-        rows_times_weight(x, self.rows, out)
+        out = np.empty((x.shape[0], self.panels.shape[0] * PANEL), np.float32)
+        panel_product(x, self.panels, out, self.tile_rows)
+        if out.shape[1] != self.out_features:  # a width that is not a whole number of panels
+            return np.ascontiguousarray(out[:, :self.out_features])
         return out
