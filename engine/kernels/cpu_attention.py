@@ -20,6 +20,9 @@ import numpy as np
 
 from engine.kernels.cpu_jit import inline, kernel, prange
 from engine.kernels.cpu_math import exp_below_zero
+from engine.kernels.cpu_tiles import prefetch
+
+LINE = 64  # bytes in a cache line
 
 @inline
 def dot(a, b, d_head):
@@ -35,6 +38,14 @@ def dot(a, b, d_head):
     return s
 
 
+@inline
+def prefetch_rows(base, strides, block, slot, h0, nbytes):
+    """Ask for a token's rows of heads h0.. (`nbytes` of them, side by side) in page `block`."""
+    start = base + block * strides[0] + slot * strides[1] + h0 * strides[2]
+    for line in range(0, nbytes, LINE):
+        prefetch(start + line)
+
+
 @kernel
 def paged_attention(q, keys, values, tables, lens, out):
     """q (B, Hkv, G, D), already scaled; keys, values (NB, P, Hkv, D) one layer's pages;
@@ -43,6 +54,9 @@ def paged_attention(q, keys, values, tables, lens, out):
     page = keys.shape[1]
     splits = hkv if batch < 4 else 1  # too few sequences to share out: split by head too
     heads = hkv // splits
+    k_at = np.int64(keys.ctypes.data)
+    v_at = np.int64(values.ctypes.data)
+    row_bytes = heads * d_head * 4  # one token's rows for a job's heads
     for job in prange(batch * splits):
         b = job // splits
         h0 = (job % splits) * heads
@@ -50,7 +64,12 @@ def paged_attention(q, keys, values, tables, lens, out):
         scores = np.empty((heads, group, n), np.float32)
         for first in range(0, n, page):
             block = tables[b, first // page]
+            ahead = first + page  # the next page, asked for while this one is read
             for slot in range(min(page, n - first)):
+                if slot < n - ahead:
+                    prefetch_rows(k_at, keys.strides, tables[b, ahead // page], slot, h0, row_bytes)
+                elif ahead >= n and slot < n:  # the last page: ask for the first V page instead
+                    prefetch_rows(v_at, values.strides, tables[b, 0], slot, h0, row_bytes)
                 for h in range(heads):
                     k = keys[block, slot, h0 + h]
                     for g in range(group):
@@ -74,7 +93,11 @@ def paged_attention(q, keys, values, tables, lens, out):
         acc = np.zeros((heads, group, d_head), np.float32)
         for first in range(0, n, page):
             block = tables[b, first // page]
+            ahead = first + page
             for slot in range(min(page, n - first)):
+                if slot < n - ahead:
+                    prefetch_rows(v_at, values.strides, tables[b, ahead // page], slot, h0,
+                                  row_bytes)
                 for h in range(heads):
                     v = values[block, slot, h0 + h]
                     for g in range(group):

@@ -139,3 +139,19 @@ def tile(rows: int):
         return sig, codegen
 
     return panel_tile
+
+
+@intrinsic
+def prefetch(typingctx, address):
+    """Ask for the 64-byte line at integer `address` in every cache level, without waiting for
+    it (x86 `prefetcht0`). A hint only: an address outside the process's memory does no harm."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):
+        fn = _declared(builder.module, "llvm.prefetch.p0i8",
+                       ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
+        builder.call(fn, [builder.inttoptr(args[0], _I8P), ir.Constant(_I32, 0),
+                          ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
