@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.kernels.cpu_jit import inline, kernel, prange
 from engine.kernels.cpu_math import exp_below_zero
-from engine.kernels.cpu_tiles import prefetch
+from engine.kernels.cpu_tiles import PANEL, accumulate_tile, prefetch
 
 LINE = 64  # bytes in a cache line
 
@@ -46,6 +46,22 @@ def prefetch_rows(base, strides, block, slot, h0, nbytes):
         prefetch(start + line)
 
 
+_ACC1, _ACC2, _ACC3, _ACC4 = (accumulate_tile(rows) for rows in range(1, 5))
+
+
+@inline
+def add_weighted_rows(group, x, x_stride, w, w_step, y, y_stride, k_len):
+    """The `group`-row accumulate tile (cpu_tiles.accumulate_tile), for groups of 1 to 4."""
+    if group == 1:
+        _ACC1(x, x_stride, w, w_step, y, y_stride, k_len)
+    elif group == 2:
+        _ACC2(x, x_stride, w, w_step, y, y_stride, k_len)
+    elif group == 3:
+        _ACC3(x, x_stride, w, w_step, y, y_stride, k_len)
+    else:
+        _ACC4(x, x_stride, w, w_step, y, y_stride, k_len)
+
+
 @kernel
 def paged_attention(q, keys, values, tables, lens, out):
     """q (B, Hkv, G, D), already scaled; keys, values (NB, P, Hkv, D) one layer's pages;
@@ -57,6 +73,9 @@ def paged_attention(q, keys, values, tables, lens, out):
     k_at = np.int64(keys.ctypes.data)
     v_at = np.int64(values.ctypes.data)
     row_bytes = heads * d_head * 4  # one token's rows for a job's heads
+    v_step = values.strides[1] // 4  # floats from one token's V rows to the next one's
+    tiled = (d_head % PANEL == 0 and group <= 4 and values.strides[3] == 4
+             and values.strides[1] % 4 == 0)
     for job in prange(batch * splits):
         b = job // splits
         h0 = (job % splits) * heads
@@ -91,13 +110,23 @@ def paged_attention(q, keys, values, tables, lens, out):
                 for t in range(n):
                     row[t] *= inv
         acc = np.zeros((heads, group, d_head), np.float32)
+        scores_at = np.int64(scores.ctypes.data)
+        acc_at = np.int64(acc.ctypes.data)
         for first in range(0, n, page):
             block = tables[b, first // page]
             ahead = first + page
+            for slot in range(min(page, n - ahead)):
+                prefetch_rows(v_at, values.strides, tables[b, ahead // page], slot, h0, row_bytes)
+            if tiled:  # each half-row of V read once for the group's query heads (cpu_tiles)
+                for h in range(heads):
+                    for c in range(0, d_head, PANEL):
+                        add_weighted_rows(
+                            group, scores_at + ((h * group) * n + first) * 4, n,
+                            v_at + block * values.strides[0] + (h0 + h) * values.strides[2]
+                            + c * 4, v_step, acc_at + ((h * group) * d_head + c) * 4, d_head,
+                            min(page, n - first))
+                continue
             for slot in range(min(page, n - first)):
-                if slot < n - ahead:
-                    prefetch_rows(v_at, values.strides, tables[b, ahead // page], slot, h0,
-                                  row_bytes)
                 for h in range(heads):
                     v = values[block, slot, h0 + h]
                     for g in range(group):

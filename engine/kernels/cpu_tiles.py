@@ -53,12 +53,14 @@ def _i64(n: int) -> ir.Constant:
     return ir.Constant(_I64, n)
 
 
-def _emit_tile(builder: ir.IRBuilder, rows: int, x_addr, x_stride, w_addr, y_addr, y_stride,
-               k_len) -> None:
-    """Emit y[r, 0:PANEL] = sum over k of x[r, k] * panel[k, 0:PANEL], for r < `rows`.
+def _emit_tile(builder: ir.IRBuilder, rows: int, x_addr, x_stride, w_addr, w_step, y_addr,
+               y_stride, k_len, accumulate: bool, read_ahead: bool) -> None:
+    """Emit y[r, 0:PANEL] = sum over k of x[r, k] * w[k * w_step : k * w_step + PANEL], for
+    r < `rows`; with `accumulate`, added to what y holds. With `read_ahead`, the w step
+    PREFETCH_STEPS ahead is asked for at each step.
 
-    Addresses are integers; strides count floats. The loop is k_len steps (none when k_len <= 0,
-    in which case the tile is written as zeros)."""
+    Addresses are integers; strides and w_step count floats. The loop is k_len steps (none when
+    k_len <= 0: the tile is then written as zeros, or left as it was)."""
     fptr, vptr = _F32.as_pointer(), _VEC.as_pointer()
     fma = _declared(builder.module, "llvm.fma.v16f32", ir.FunctionType(_VEC, [_VEC] * 3))
     prefetch = _declared(builder.module, "llvm.prefetch.p0i8",
@@ -67,7 +69,13 @@ def _emit_tile(builder: ir.IRBuilder, rows: int, x_addr, x_stride, w_addr, y_add
     w = builder.inttoptr(w_addr, fptr)
     y = builder.inttoptr(y_addr, fptr)
     x_rows = [builder.gep(x, [builder.mul(x_stride, _i64(r))]) for r in range(rows)]
-    zero = ir.Constant(_VEC, None)
+    out_rows = [builder.gep(y, [builder.mul(y_stride, _i64(r))]) for r in range(rows)]
+    out_vectors = [builder.bitcast(builder.gep(out_rows[r], [_i64(v * LANES)]), vptr)
+                   for r in range(rows) for v in range(VECTORS)]
+    if accumulate:
+        start = [builder.load(target, align=4) for target in out_vectors]
+    else:
+        start = [ir.Constant(_VEC, None)] * (rows * VECTORS)
     undefined = ir.Constant(_VEC, ir.Undefined)
     splat = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
 
@@ -80,16 +88,18 @@ def _emit_tile(builder: ir.IRBuilder, rows: int, x_addr, x_stride, w_addr, y_add
     k = builder.phi(_I64)
     k.add_incoming(_i64(0), entry)
     acc = []
-    for _ in range(rows * VECTORS):
+    for first in start:
         a = builder.phi(_VEC)
-        a.add_incoming(zero, entry)
+        a.add_incoming(first, entry)
         acc.append(a)
-    step = builder.gep(w, [builder.mul(k, _i64(PANEL))])
-    for line in range(PANEL * 4 // 64):  # each 64-byte line of the step PREFETCH_STEPS ahead
-        ahead = builder.gep(step, [_i64(PREFETCH_STEPS * PANEL + line * 16)])
-        # read, keep in every cache level, data (LLVM's prefetch: rw, locality, cache type)
-        builder.call(prefetch, [builder.bitcast(ahead, _I8P), ir.Constant(_I32, 0),
-                                ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+    step = builder.gep(w, [builder.mul(k, w_step)])
+    if read_ahead:
+        farther = builder.mul(w_step, _i64(PREFETCH_STEPS))
+        for line in range(PANEL * 4 // 64):  # each 64-byte line of the step PREFETCH_STEPS ahead
+            ahead = builder.gep(step, [builder.add(farther, _i64(line * 16))])
+            # read, keep in every cache level, data (LLVM's prefetch: rw, locality, cache type)
+            builder.call(prefetch, [builder.bitcast(ahead, _I8P), ir.Constant(_I32, 0),
+                                    ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
     w_vectors = [builder.load(builder.bitcast(builder.gep(step, [_i64(v * LANES)]), vptr), align=4)
                  for v in range(VECTORS)]
     summed = []
@@ -108,16 +118,13 @@ def _emit_tile(builder: ir.IRBuilder, rows: int, x_addr, x_stride, w_addr, y_add
 
     builder.position_at_end(done)
     final = []
-    for s in summed:  # every phi first: LLVM wants them at the top of the block
+    for first, s in zip(start, summed):  # every phi first: LLVM wants them atop the block
         f = builder.phi(_VEC)
-        f.add_incoming(zero, entry)
+        f.add_incoming(first, entry)
         f.add_incoming(s, body_end)
         final.append(f)
-    for r in range(rows):
-        out_row = builder.gep(y, [builder.mul(y_stride, _i64(r))])
-        for v in range(VECTORS):
-            target = builder.bitcast(builder.gep(out_row, [_i64(v * LANES)]), vptr)
-            builder.store(final[r * VECTORS + v], target, align=4)
+    for f, target in zip(final, out_vectors):
+        builder.store(f, target, align=4)
 
 
 @functools.cache
@@ -133,12 +140,36 @@ def tile(rows: int):
                          types.int64)
 
         def codegen(context, builder, signature, args):
-            _emit_tile(builder, rows, *args)
+            x_addr, x_stride, w_addr, y_addr, y_stride, k_len = args
+            _emit_tile(builder, rows, x_addr, x_stride, w_addr, _i64(PANEL), y_addr, y_stride,
+                       k_len, accumulate=False, read_ahead=True)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return panel_tile
+
+
+@functools.cache
+def accumulate_tile(rows: int):
+    """`acc_tile(x_addr, x_stride, w_addr, w_step, y_addr, y_stride, k_len)`: y[r, 0:PANEL] +=
+    sum over k of x[r, k] * w[k * w_step : k * w_step + PANEL], for r < `rows`, with no read
+    ahead. Attention's second pass: the scores of a group's query heads (x) against the V rows
+    of one page (w), added into the group's outputs (y)."""
+    if not 1 <= rows <= 16:
+        raise ValueError(f"a tile has 1 to 16 rows, not {rows}")
+
+    @intrinsic
+    def acc_tile(typingctx, x_addr, x_stride, w_addr, w_step, y_addr, y_stride, k_len):
+        sig = types.void(*[types.int64] * 7)
+
+        def codegen(context, builder, signature, args):
+            _emit_tile(builder, rows, *args, accumulate=True, read_ahead=False)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return acc_tile
 
 
 @intrinsic
