@@ -297,11 +297,11 @@ def test_engine_runs_products_on_torch_and_compiled_threads_and_openblas_on_one(
         cpu_jit.set_threads(compiled_before)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 12, 13, 16, 25, 40])
+@pytest.mark.parametrize("rows", [1, 2, 7, 13, 14, 15, 16, 25, 40])
 @pytest.mark.parametrize("out_features, in_features", [(64, 48), (40, 33), (96, 1)])
 def test_panel_products_match_torch_at_every_tile_size(rows: int, out_features: int,
                                                        in_features: int) -> None:
-    """Every tile size (1 to 12 rows, and the splits past 12), widths that are not whole panels,
+    """Every tile size (1 to 14 rows, and the splits past 14), widths that are not whole panels,
     and a single step of k, against torch in float64."""
     gen = torch.Generator().manual_seed(rows * 1000 + out_features)
     weight = torch.randn(out_features, in_features, generator=gen)

@@ -10,7 +10,7 @@ reading the matrices, and from about 16 rows on by the arithmetic too. What was 
 - a numba loop over the (out, in) rows read each weight once, but neither kept its sums in vector
   registers nor read far enough ahead: at 8 rows and more it cost the read plus the arithmetic.
 So each weight is packed once, here, into panels of `PANEL` output columns stored k-major, and
-`panel_product` runs the vector tiles of `engine.kernels.cpu_tiles` over them: tiles of up to 12
+`panel_product` runs the vector tiles of `engine.kernels.cpu_tiles` over them: tiles of up to 14
 rows (`tile_rows()`), panels shared out over the threads. Past `MOST_PANEL_ROWS` rows (far beyond
 any decode batch the lab or the bench makes) the product goes to MKL, on the model's own matrix.
 """
@@ -33,12 +33,14 @@ Allocate = Callable[[tuple[int, ...]], np.ndarray]
 
 _T1, _T2, _T3, _T4, _T5, _T6 = tile(1), tile(2), tile(3), tile(4), tile(5), tile(6)
 _T7, _T8, _T9, _T10, _T11, _T12 = tile(7), tile(8), tile(9), tile(10), tile(11), tile(12)
+_T13, _T14 = tile(13), tile(14)
 
 
 def tile_rows() -> int:
-    """The most input rows one tile takes: 12 with AVX-512's 32 vector registers (24
-    accumulators), 2 with AVX2's 16 (each 16-float vector is two registers there)."""
-    return 12 if cpu_jit.has_avx512() else 2
+    """The most input rows one tile takes: 14 with AVX-512's 32 vector registers (28
+    accumulators, two for the panel's step, one for a broadcast input), 2 with AVX2's 16 (each
+    16-float vector takes two registers there)."""
+    return 14 if cpu_jit.has_avx512() else 2
 
 
 def panels_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
@@ -64,22 +66,28 @@ def panel_product(x, panels, out, most_rows):
     """out = x times the packed matrix: x (M, K), panels (P, K, PANEL), out (M, P * PANEL), all
     C-contiguous float32.
 
-    Panels are shared out over the threads. Each panel is multiplied by the rows in as few tiles
-    of at most `most_rows` rows as will do, of sizes as even as possible (16 rows: two tiles of
-    8); after the first tile the panel is read from the core's own cache."""
+    Panels are shared out over the threads. Each panel is multiplied by the rows in tiles of at
+    most `most_rows` rows: the first tile as large as it can be, since it is the one that waits
+    on memory and has time for arithmetic while the panel streams in; the rest, which read the
+    panel from the core's own cache, as even as possible (32 rows: 14, then 9 and 9). Measured
+    at 16 rows, a first tile of 14 took 4.7-5.4 ms for a step's products where two of 8 took
+    5.9 (docs/benchmarks.md, "Fifth pass")."""
     m_rows, k_len = x.shape
     n_panels = panels.shape[0]
     width = out.shape[1]
     x_at = np.int64(x.ctypes.data)
     panels_at = np.int64(panels.ctypes.data)
     out_at = np.int64(out.ctypes.data)
-    tiles = (m_rows + most_rows - 1) // most_rows
+    later = (max(m_rows - most_rows, 0) + most_rows - 1) // most_rows  # tiles after the first
     for p in prange(n_panels):
         w = panels_at + p * k_len * PANEL * 4
         m = 0
-        for t in range(tiles):
-            left = tiles - t
-            r = (m_rows - m + left - 1) // left
+        for t in range(later + 1):
+            if t == 0:
+                r = min(m_rows, most_rows)
+            else:
+                left = later + 1 - t
+                r = (m_rows - m + left - 1) // left
             xm = x_at + m * k_len * 4
             y = out_at + (m * width + p * PANEL) * 4
             if r == 1:
@@ -104,8 +112,12 @@ def panel_product(x, panels, out, most_rows):
                 _T10(xm, k_len, w, y, width, k_len)
             elif r == 11:
                 _T11(xm, k_len, w, y, width, k_len)
-            else:
+            elif r == 12:
                 _T12(xm, k_len, w, y, width, k_len)
+            elif r == 13:
+                _T13(xm, k_len, w, y, width, k_len)
+            else:
+                _T14(xm, k_len, w, y, width, k_len)
             m += r
 
 
