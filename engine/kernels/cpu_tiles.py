@@ -10,7 +10,7 @@ sequential stream, and a tile of `rows` input rows is multiplied by a whole pane
         for each of the tile's rows r:
             acc[r] += broadcast(x[r, k]) * w    two fused multiply-adds
 
-The accumulators stay in vector registers for the whole loop (2 x `rows` of them; 24 of the
+The accumulators stay in vector registers for the whole loop (2 x `rows` of them; 28 of the
 CPU's 32 at 14 rows), and the panel is asked for `PREFETCH_STEPS` steps ahead of where the loop
 reads it. numba cannot say either thing: its compiled loops sum a tile in scalars and leave
 prefetching to the hardware, whose prefetcher does not run far enough ahead of a loop this busy.
