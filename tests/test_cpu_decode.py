@@ -8,6 +8,8 @@ driving either path over the same steps. Also the CPU weight layout (engine.kern
 """
 from __future__ import annotations
 
+import os
+import pathlib
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for, pad_tables
 from engine.config import PRESETS
-from engine.kernels import cpu_attention, cpu_layer_ops, cpu_math, cpu_products
+from engine.kernels import cpu_attention, cpu_jit, cpu_layer_ops, cpu_math, cpu_products
 from engine.kernels.cpu_backend import HugePageArena
 from engine.kernels.cpu_decode import CpuDecoder
 from engine.kernels.paged_attention import paged_decode_attention_ref
@@ -308,13 +310,39 @@ def test_panel_products_match_torch_at_every_tile_size(rows: int, out_features: 
     x = torch.randn(rows, in_features, generator=gen)
     product = cpu_products.WeightProduct(weight)
     want = (x.double() @ weight.double().T).numpy()
-    for tile_rows in (product.tile_rows, 2):  # this CPU's tiles, and those of a CPU without AVX-512
+    for tile_rows in (14, 2):  # AVX-512's tiles, and those of a CPU without it (both run anywhere)
         product.tile_rows = tile_rows
         got = product(x.numpy())
         assert got.shape == (rows, out_features) and got.flags["C_CONTIGUOUS"]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=f"rows of {in_features} inputs"):
         product(np.ones((rows, in_features + 1), np.float32))
+
+
+def test_a_product_of_no_rows_is_empty_and_the_kernel_refuses_wrong_shapes() -> None:
+    product = cpu_products.WeightProduct(torch.ones(40, 8))
+    assert product(np.ones((0, 8), np.float32)).shape == (0, 40)
+    x = np.ones((3, 8), np.float32)
+    with pytest.raises(ValueError, match="smaller than the product"):
+        cpu_products.panel_product(x, product.panels, np.empty((3, 40), np.float32), 14)
+    with pytest.raises(ValueError, match="do not match"):
+        cpu_products.panel_product(np.ones((3, 9), np.float32), product.panels,
+                                   np.empty((3, 64), np.float32), 14)
+
+
+def test_the_kernel_cache_is_named_after_every_kernel_source(tmp_path) -> None:
+    """numba's cache checks only the compiled function's own file; the folder's name covers the
+    modules whose code the kernels paste in."""
+    (tmp_path / "cpu_tiles.py").write_text("PANEL = 32\n")
+    (tmp_path / "cpu_products.py").write_text("x = 1\n")
+    (tmp_path / "other.py").write_text("y = 1\n")
+    first = cpu_jit.kernel_sources_digest(tmp_path)
+    (tmp_path / "other.py").write_text("y = 2\n")
+    assert cpu_jit.kernel_sources_digest(tmp_path) == first
+    (tmp_path / "cpu_tiles.py").write_text("PANEL = 16\n")
+    assert cpu_jit.kernel_sources_digest(tmp_path) != first
+    assert cpu_jit.kernel_sources_digest(pathlib.Path(cpu_jit.__file__).parent) in (
+        os.environ["NUMBA_CACHE_DIR"])
 
 
 def test_panels_hold_the_matrix_k_major_with_zeros_past_its_width() -> None:

@@ -6,13 +6,17 @@ Each sequence is one job for the thread pool (with fewer sequences than would ke
 busy, each K/V head of a sequence is). A job walks the sequence's page table page by page and
 reads every K and V row where it lies in the cache: nothing is gathered into a copy first, so a
 step reads every cached byte once. A token's K/V rows for all heads sit side by side, and so do
-a page's tokens, so a job reads each page as one run of memory that the hardware prefetcher can
-follow (one job per (sequence, head) read rows a kilobyte apart, and waited on memory for each:
-docs/benchmarks.md, "Attention reads pages front to back").
+a page's tokens, so a job reads each page as one run of memory (one job per (sequence, head) read
+rows a kilobyte apart, and waited on memory for each: docs/benchmarks.md, "Attention reads pages
+front to back"). The hardware prefetcher stops at each page's edge, so while a job reads one page
+it asks for the next (`cpu_tiles.prefetch`).
 
 Within a job, each token's K row is loaded once for the group's query heads that share it; the
 softmax is the plain two-pass one over the job's scores, which stay in the core's cache, with the
 exponential computed by `cpu_math.exp_below_zero` so that the loop stays in vector instructions.
+The V pass runs a page at a time through `cpu_tiles.accumulate_tile` (each V row read once for the
+group, the group's outputs summed in registers) where the head size is a multiple of 32 and a
+group has 1 to 4 query heads, and through a plain loop otherwise.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ def add_weighted_rows(group, x, x_stride, w, w_step, y, y_stride, k_len):
         _ACC2(x, x_stride, w, w_step, y, y_stride, k_len)
     elif group == 3:
         _ACC3(x, x_stride, w, w_step, y, y_stride, k_len)
-    else:
+    elif group == 4:
         _ACC4(x, x_stride, w, w_step, y, y_stride, k_len)
 
 
@@ -74,12 +78,15 @@ def paged_attention(q, keys, values, tables, lens, out):
     v_at = np.int64(values.ctypes.data)
     row_bytes = heads * d_head * 4  # one token's rows for a job's heads
     v_step = values.strides[1] // 4  # floats from one token's V rows to the next one's
-    tiled = (d_head % PANEL == 0 and group <= 4 and values.strides[3] == 4
+    tiled = (d_head % PANEL == 0 and 1 <= group <= 4 and values.strides[3] == 4
              and values.strides[1] % 4 == 0)
     for job in prange(batch * splits):
         b = job // splits
         h0 = (job % splits) * heads
         n = lens[b]
+        if n <= 0:  # nothing to attend to (the engine never sends this)
+            out[b, h0:h0 + heads] = 0
+            continue
         scores = np.empty((heads, group, n), np.float32)
         for first in range(0, n, page):
             block = tables[b, first // page]
@@ -87,7 +94,7 @@ def paged_attention(q, keys, values, tables, lens, out):
             for slot in range(min(page, n - first)):
                 if slot < n - ahead:
                     prefetch_rows(k_at, keys.strides, tables[b, ahead // page], slot, h0, row_bytes)
-                elif ahead >= n and slot < n:  # the last page: ask for the first V page instead
+                elif ahead >= n:  # the last page: ask for the first V page instead
                     prefetch_rows(v_at, values.strides, tables[b, 0], slot, h0, row_bytes)
                 for h in range(heads):
                     k = keys[block, slot, h0 + h]

@@ -3,7 +3,10 @@
 Why not torch for the whole step: a decode step of the CPU default model performs some three
 hundred operations on vectors of a few hundred numbers, and each torch call costs several
 microseconds of dispatch. Here a step is a short list of compiled calls (`engine.kernels.cpu_jit`)
-on views of the very same memory (weights, rotary tables, KV pages), per layer:
+on views of the model's norms and rotary tables and of the engine's KV pages, and on the weight
+matrices packed once into panels when the decoder is built (`cpu_products`; a second copy of the
+weights, 111 MB for `cpu-30m`, since prefill chunks and token lookups read the model's own), per
+layer:
 - four weight products, one call per matrix with every sequence's row (`cpu_products`);
 - the rotary embedding with the K/V write into the cache, the residual adds with the norms after
   them, and SwiGLU (`cpu_layer_ops`);
@@ -54,7 +57,8 @@ def _panel_memory(matrices: list[torch.Tensor]) -> Allocate:
 
 
 class CpuDecoder:
-    """Numpy views of an fp32 CPU `Llama`'s weights, and the decode step over them.
+    """An fp32 CPU `Llama`'s weights as the decode step reads them (matrices packed into panels,
+    views of the rest), and the step over them.
 
     Torch twin: `engine.model.Llama.forward` over a decodes-only batch."""
 

@@ -5,8 +5,8 @@ Why compiled loops: a decode step multiplies a few rows by every weight matrix a
 sequence's K/V pages. torch's BLAS (MKL) copies ("packs") a matrix into blocks on every call
 before multiplying, and numpy's attention had to gather each sequence's pages into a fresh array
 first; both read and write the bytes that a decode step should only read once (the figures are in
-docs/benchmarks.md, "Compiled loops"). A loop compiled for this machine reads each weight and each
-K/V row once, in place.
+docs/benchmarks.md, "Compiled loops"). A loop compiled for this machine reads each weight (packed
+once into panels, `cpu_products`) and each K/V row (in place) once a step.
 
 How they are compiled:
 - `kernel` is numba's `njit` with the options every kernel here uses: threads over the outer
@@ -18,6 +18,8 @@ How they are compiled:
   halves what one instruction does. `wide_vectors` tells numba the host's features with that
   preference removed, through numba's documented `NUMBA_CPU_FEATURES`. It must run before numba is
   imported, so it runs at the top of this module; a user who set the variable keeps it.
+- The cache: `keyed_cache` names numba's cache folder after every kernel module's source, so an
+  edit to a module that others paste code from recompiles them too.
 - Threads: numba's pool is sized per calling thread (`set_threads`); `engine.cpu_threads`
   sizes it with torch's for each run.
 - Vector tiles: where a loop must keep its sums in vector registers and read ahead of itself,
@@ -29,17 +31,57 @@ How they are compiled:
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import pathlib
+import shutil
 import sys
 import time
 
 
 @functools.cache
 def has_avx512() -> bool:
-    """Whether the compiled loops run with 32 vector registers of 16 floats (AVX-512)."""
+    """Whether the compiled loops run with 32 vector registers of 16 floats (AVX-512): the
+    features numba compiles for (`NUMBA_CPU_FEATURES`, where set), else the host's."""
     import llvmlite.binding as llvm
 
-    return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
+    features = os.environ.get("NUMBA_CPU_FEATURES") or llvm.get_host_cpu_features().flatten()
+    return "+avx512f" in features.split(",")
+
+
+def kernel_sources_digest(folder: pathlib.Path) -> str:
+    """A short hash of every kernel module's source in `folder` (`cpu_*.py`)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("cpu_*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def keyed_cache() -> None:
+    """Keep numba's compiled kernels in a folder named after the kernels' sources.
+
+    numba's cache checks only the file of the function it compiled, but these kernels paste in
+    code from other modules (the vector tiles of `cpu_tiles`, the exponential of `cpu_math`):
+    after an edit there, numba would load the old machine code. Through numba's documented
+    `NUMBA_CACHE_DIR`, the cache lives in `__pycache__/numba-<hash of every cpu_*.py>` beside
+    the sources (or under ~/.cache/serving-lab where that folder cannot be written), so any edit
+    starts a fresh folder; older folders there are removed. A user who set the variable keeps it."""
+    if "NUMBA_CACHE_DIR" in os.environ:
+        return
+    here = pathlib.Path(__file__).resolve().parent
+    name = f"numba-{kernel_sources_digest(here)}"
+    for base in (here / "__pycache__", pathlib.Path.home() / ".cache" / "serving-lab"):
+        try:
+            (base / name).mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if not os.access(base / name, os.W_OK):
+            continue
+        for old in base.glob("numba-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        os.environ["NUMBA_CACHE_DIR"] = str(base / name)
+        return
 
 
 def wide_vectors() -> None:
@@ -54,6 +96,7 @@ def wide_vectors() -> None:
 
 
 wide_vectors()
+keyed_cache()
 
 import numba  # noqa: E402  (after wide_vectors, on purpose)
 from numba import types  # noqa: E402,F401  (for engine.kernels.cpu_tiles)
@@ -67,7 +110,7 @@ serial = functools.partial(numba.njit, fastmath=True, cache=True, nogil=True, bo
 # A small compiled helper that kernels call: numba pastes its body into the caller.
 inline = functools.partial(numba.njit, inline="always", fastmath=True, cache=True,
                            boundscheck=False)
-COMPILE_NOTE_S = 8.0  # a warm-up slower than this compiled (a cold compile took 26 s, loading 2.6 s)
+COMPILE_NOTE_S = 8.0  # a warm-up slower than this compiled (a cold compile took 19 s, loading 2.7 s)
 
 
 def threads() -> int:

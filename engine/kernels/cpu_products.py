@@ -75,6 +75,12 @@ def panel_product(x, panels, out, most_rows):
     m_rows, k_len = x.shape
     n_panels = panels.shape[0]
     width = out.shape[1]
+    # The tiles read and write through raw addresses: shapes are checked here, not trusted.
+    if panels.shape[1] != k_len or panels.shape[2] != PANEL:
+        raise ValueError("the panels do not match the rows' width")
+    if out.shape[0] < m_rows or width < n_panels * PANEL:
+        raise ValueError("the output is smaller than the product")
+    most_rows = max(1, min(most_rows, 14))
     x_at = np.int64(x.ctypes.data)
     panels_at = np.int64(panels.ctypes.data)
     out_at = np.int64(out.ctypes.data)
@@ -116,7 +122,7 @@ def panel_product(x, panels, out, most_rows):
                 _T12(xm, k_len, w, y, width, k_len)
             elif r == 13:
                 _T13(xm, k_len, w, y, width, k_len)
-            else:
+            elif r == 14:
                 _T14(xm, k_len, w, y, width, k_len)
             m += r
 
@@ -139,6 +145,8 @@ class WeightProduct:
             raise ValueError(f"rows of {self.panels.shape[1]} inputs expected, got {x.shape}")
         if x.shape[0] > MOST_PANEL_ROWS:
             return torch.nn.functional.linear(torch.from_numpy(x), self.weight).numpy()
+        if x.shape[0] == 0:
+            return np.empty((0, self.out_features), np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((x.shape[0], self.panels.shape[0] * PANEL), np.float32)
         panel_product(x, self.panels, out, self.tile_rows)

@@ -19,9 +19,9 @@ alone halved the time at 8 rows.
 
 Each tile is a numba intrinsic: `tile(rows)` returns a function that compiled code calls with raw
 addresses, and that numba pastes, as the LLVM instructions built here, into its caller. Only
-llvmlite's public IR builder is used. numba's on-disk cache follows the calling kernel's file, not
-this one: after an edit here, delete `engine/kernels/__pycache__/cpu_products.*.nb*` (or touch
-`cpu_products.py`) so that the kernel is compiled again.
+llvmlite's public IR builder is used. (Each returns 0, which callers ignore: an intrinsic returns a
+value.) numba's on-disk cache would follow only the calling kernel's file, not this one; so
+`cpu_jit` keys the whole cache to the sources of every kernel module (`keyed_cache`).
 """
 from __future__ import annotations
 
@@ -45,8 +45,10 @@ _VEC = ir.VectorType(_F32, LANES)
 
 def _declared(module: ir.Module, name: str, fn_type: ir.FunctionType) -> ir.Function:
     """An LLVM intrinsic, declared once per module."""
-    found = module.globals.get(name)
-    return found if found is not None else ir.Function(module, fn_type, name)
+    try:
+        return module.get_global(name)
+    except KeyError:
+        return ir.Function(module, fn_type, name)
 
 
 def _i64(n: int) -> ir.Constant:
@@ -62,7 +64,8 @@ def _emit_tile(builder: ir.IRBuilder, rows: int, x_addr, x_stride, w_addr, w_ste
     Addresses are integers; strides and w_step count floats. The loop is k_len steps (none when
     k_len <= 0: the tile is then written as zeros, or left as it was)."""
     fptr, vptr = _F32.as_pointer(), _VEC.as_pointer()
-    fma = _declared(builder.module, "llvm.fma.v16f32", ir.FunctionType(_VEC, [_VEC] * 3))
+    # a * b + c, fused where the CPU has fused multiply-add (a library call per number where not)
+    fma = _declared(builder.module, "llvm.fmuladd.v16f32", ir.FunctionType(_VEC, [_VEC] * 3))
     prefetch = _declared(builder.module, "llvm.prefetch.p0i8",
                          ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
     x = builder.inttoptr(x_addr, fptr)
@@ -136,14 +139,14 @@ def tile(rows: int):
 
     @intrinsic
     def panel_tile(typingctx, x_addr, x_stride, w_addr, y_addr, y_stride, k_len):
-        sig = types.void(types.int64, types.int64, types.int64, types.int64, types.int64,
-                         types.int64)
+        sig = types.int64(types.int64, types.int64, types.int64, types.int64, types.int64,
+                          types.int64)
 
         def codegen(context, builder, signature, args):
             x_addr, x_stride, w_addr, y_addr, y_stride, k_len = args
             _emit_tile(builder, rows, x_addr, x_stride, w_addr, _i64(PANEL), y_addr, y_stride,
                        k_len, accumulate=False, read_ahead=True)
-            return context.get_dummy_value()
+            return ir.Constant(_I64, 0)
 
         return sig, codegen
 
@@ -161,11 +164,11 @@ def accumulate_tile(rows: int):
 
     @intrinsic
     def acc_tile(typingctx, x_addr, x_stride, w_addr, w_step, y_addr, y_stride, k_len):
-        sig = types.void(*[types.int64] * 7)
+        sig = types.int64(*[types.int64] * 7)
 
         def codegen(context, builder, signature, args):
             _emit_tile(builder, rows, *args, accumulate=True, read_ahead=False)
-            return context.get_dummy_value()
+            return ir.Constant(_I64, 0)
 
         return sig, codegen
 
@@ -176,13 +179,13 @@ def accumulate_tile(rows: int):
 def prefetch(typingctx, address):
     """Ask for the 64-byte line at integer `address` in every cache level, without waiting for
     it (x86 `prefetcht0`). A hint only: an address outside the process's memory does no harm."""
-    sig = types.void(types.int64)
+    sig = types.int64(types.int64)
 
     def codegen(context, builder, signature, args):
         fn = _declared(builder.module, "llvm.prefetch.p0i8",
                        ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
         builder.call(fn, [builder.inttoptr(args[0], _I8P), ir.Constant(_I32, 0),
                           ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
-        return context.get_dummy_value()
+        return ir.Constant(_I64, 0)
 
     return sig, codegen
