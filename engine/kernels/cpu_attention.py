@@ -91,11 +91,12 @@ def paged_attention(q, keys, values, tables, lens, out):
         for first in range(0, n, page):
             block = tables[b, first // page]
             ahead = first + page  # the next page, asked for while this one is read
+            following = tables[b, ahead // page] if ahead < n else tables[b, 0]
             for slot in range(min(page, n - first)):
                 if slot < n - ahead:
-                    prefetch_rows(k_at, keys.strides, tables[b, ahead // page], slot, h0, row_bytes)
+                    prefetch_rows(k_at, keys.strides, following, slot, h0, row_bytes)
                 elif ahead >= n:  # the last page: ask for the first V page instead
-                    prefetch_rows(v_at, values.strides, tables[b, 0], slot, h0, row_bytes)
+                    prefetch_rows(v_at, values.strides, following, slot, h0, row_bytes)
                 for h in range(heads):
                     k = keys[block, slot, h0 + h]
                     for g in range(group):
@@ -122,8 +123,10 @@ def paged_attention(q, keys, values, tables, lens, out):
         for first in range(0, n, page):
             block = tables[b, first // page]
             ahead = first + page
-            for slot in range(min(page, n - ahead)):
-                prefetch_rows(v_at, values.strides, tables[b, ahead // page], slot, h0, row_bytes)
+            if ahead < n:
+                following = tables[b, ahead // page]
+                for slot in range(min(page, n - ahead)):
+                    prefetch_rows(v_at, values.strides, following, slot, h0, row_bytes)
             if tiled:  # each half-row of V read once for the group's query heads (cpu_tiles)
                 for h in range(heads):
                     for c in range(0, d_head, PANEL):

@@ -98,7 +98,7 @@ def wide_vectors() -> None:
 wide_vectors()
 keyed_cache()
 
-import numba  # noqa: E402  (after wide_vectors, on purpose)
+import numba  # noqa: E402  (after wide_vectors and keyed_cache, on purpose)
 from numba import types  # noqa: E402,F401  (for engine.kernels.cpu_tiles)
 from numba.extending import intrinsic  # noqa: E402,F401  (likewise)
 
