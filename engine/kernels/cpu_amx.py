@@ -244,6 +244,39 @@ def _number(typingctx, bits):
     return types.float32(types.uint32), codegen
 
 
+def _nearest_bf16(builder: ir.IRBuilder, u, lanes: int):
+    """The fp32 bits u (<lanes x i32>) of the nearest bf16 numbers, ties to even."""
+    def splat(n: int) -> ir.Constant:
+        return ir.Constant(ir.VectorType(ir.IntType(32), lanes), [n] * lanes)
+
+    odd = builder.and_(builder.lshr(u, splat(16)), splat(1))
+    return builder.and_(builder.add(builder.add(u, splat(0x7FFF)), odd), splat(0xFFFF0000))
+
+
+@intrinsic
+def _split_block(typingctx, x_addr, hi_addr, mid_addr, lo_addr):
+    """Split K_BLOCK fp32 numbers at x_addr into three runs of K_BLOCK bf16 bits (see
+    `split_rows`), in 16-lane vectors; plain fp32 subtraction, never reordered."""
+    def codegen(context, builder, signature, args):
+        lanes = 16
+        f_vec, i_vec = ir.VectorType(ir.FloatType(), lanes), ir.VectorType(ir.IntType(32), lanes)
+        h_vec = ir.VectorType(ir.IntType(16), lanes)
+        shift = ir.Constant(i_vec, [16] * lanes)
+        x = builder.inttoptr(args[0], f_vec.as_pointer())
+        outs = [builder.inttoptr(a, h_vec.as_pointer()) for a in args[1:]]
+        for half in range(K_BLOCK // lanes):
+            at = ir.Constant(ir.IntType(64), half)
+            rest = builder.load(builder.gep(x, [at]), align=4)
+            for out in outs:
+                near = _nearest_bf16(builder, builder.bitcast(rest, i_vec), lanes)
+                builder.store(builder.trunc(builder.lshr(near, shift), h_vec),
+                              builder.gep(out, [at]), align=2)
+                rest = builder.fsub(rest, builder.bitcast(near, f_vec))
+        return ir.Constant(ir.IntType(64), 0)
+
+    return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
+
+
 @exact
 def split_rows(x, pieces):
     """Split rows x (M, K) fp32 into pieces (3, K_pad / 32, M, 32) of bf16 bits: hi nearest to
@@ -251,15 +284,24 @@ def split_rows(x, pieces):
     fp32 does); zeros past K. Exact arithmetic: compiled without fast-math reordering."""
     m_rows, k_len = x.shape
     blocks = pieces.shape[1]
+    x_at, at = np.int64(x.ctypes.data), np.int64(pieces.ctypes.data)
+    piece_bytes = blocks * m_rows * K_BLOCK * 2
+    whole = k_len // K_BLOCK
+    for b in range(whole):  # block by block, so that each piece is written in one stream
+        for i in range(m_rows):
+            to = at + (b * m_rows + i) * K_BLOCK * 2
+            _split_block(x_at + (i * k_len + b * K_BLOCK) * 4, to, to + piece_bytes,
+                         to + 2 * piece_bytes)
     for i in range(m_rows):
-        for b in range(blocks):
+        for b in range(whole, blocks):  # the last, short block: zeros past K
             for lane in range(K_BLOCK):
                 j = b * K_BLOCK + lane
                 rest = x[i, j] if j < k_len else np.float32(0)
                 for piece in range(3):
-                    u = np.int64(_bits(rest))
-                    near = np.uint32((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000)
-                    pieces[piece, b, i, lane] = near >> 16
+                    u = _bits(rest)
+                    near = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & \
+                        np.uint32(0xFFFF0000)
+                    pieces[piece, b, i, lane] = near >> np.uint32(16)
                     rest = rest - _number(near)
     return 0
 
@@ -339,20 +381,36 @@ def amx_product(pieces, panels, out, configs):
             _release()
 
 
-def product(x: np.ndarray, packed: np.ndarray, out_features: int) -> np.ndarray:
-    """x (M, K) fp32 times a matrix packed by `pack_split`: (M, out_features), C-contiguous."""
-    m_rows = x.shape[0]
-    pieces = np.empty((3, packed.shape[1] // 2048, m_rows, K_BLOCK), np.uint16)
-    split_rows(np.ascontiguousarray(x, dtype=np.float32), pieces)
-    out = np.empty((m_rows, packed.shape[0] * PANEL), np.float32)
-    amx_product(pieces, packed, out, tile_configs(m_rows))
-    if out.shape[1] != out_features:
-        return np.ascontiguousarray(out[:, :out_features])
-    return out
+def _aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array starting on a 64-byte line, so that each 64-byte tile
+    row is one cache line (numpy aligns to 16)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def warm_up() -> None:
-    """Compile or load the tile kernels (only where `available`)."""
-    if available():
-        weight = np.ones((40, 40), np.float32)
-        product(np.ones((17, 40), np.float32), pack_split(weight), 40)
+class TileProduct:
+    """x (M, K) fp32 times one matrix packed by `pack_split`, `packed`: (M, out_features),
+    C-contiguous. The rows' pieces go to a workspace of this object's, kept from call to call
+    (allocating it each time cost 0.3 ms a step in page faults): so one object serves one
+    caller at a time."""
+
+    def __init__(self, packed: np.ndarray, out_features: int) -> None:
+        self.packed = packed
+        self.out_features = out_features
+        self._blocks = packed.shape[1] // 2048
+        self._pieces = _aligned_empty((0,), np.uint16)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        m_rows = x.shape[0]
+        size = 3 * self._blocks * m_rows * K_BLOCK
+        if self._pieces.size < size:
+            self._pieces = _aligned_empty((size,), np.uint16)
+        pieces = self._pieces[:size].reshape(3, self._blocks, m_rows, K_BLOCK)
+        split_rows(np.ascontiguousarray(x, dtype=np.float32), pieces)
+        out = np.empty((m_rows, self.packed.shape[0] * PANEL), np.float32)
+        amx_product(pieces, self.packed, out, tile_configs(m_rows))
+        if out.shape[1] != self.out_features:
+            return np.ascontiguousarray(out[:, :self.out_features])
+        return out

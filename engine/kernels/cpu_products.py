@@ -166,6 +166,7 @@ class WeightProduct:
         self.out_features, self.in_features = self.weight.shape
         if method == "amx":
             self.panels = cpu_amx.pack_split(self.weight.numpy(), allocate)
+            self._tiles = cpu_amx.TileProduct(self.panels, self.out_features)
         else:
             self.panels = pack_panels(self.weight.numpy(), allocate)
         self.tile_rows = tile_rows()
@@ -179,7 +180,7 @@ class WeightProduct:
             return np.empty((0, self.out_features), np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.method == "amx":
-            return cpu_amx.product(x, self.panels, self.out_features)
+            return self._tiles(x)
         out = np.empty((x.shape[0], self.panels.shape[0] * PANEL), np.float32)
         panel_product(x, self.panels, out, self.tile_rows)
         if out.shape[1] != self.out_features:  # a width that is not a whole number of panels
