@@ -105,9 +105,8 @@ class ModelRunner:
         self.blocks = blocks
         self.device = device
         self.graphs = graphs
-        # The numpy step: built here, outside any timed step (one product object per matrix,
-        # each packed once; views of the rest). On AMX it rounds the model's matrices to what
-        # its tiles hold (engine.kernels.cpu_amx), before any prefill reads them.
+        # The numpy step reads the model's fp32 weights where they lie, in host memory; built
+        # here, outside any timed step (views and one product object per matrix, no copies).
         fp32_cpu = device.type == "cpu" and cache.k.dtype == torch.float32
         self.cpu_decoder = CpuDecoder(model) if numpy_decode and fp32_cpu else None
         self.triton = triton_attention(device)

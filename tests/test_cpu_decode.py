@@ -8,7 +8,6 @@ driving either path over the same steps. Also the CPU weight layout (engine.kern
 """
 from __future__ import annotations
 
-import copy
 import os
 import pathlib
 from dataclasses import replace
@@ -19,8 +18,7 @@ import torch
 
 from engine.block_manager import BlockManager, blocks_for, pad_tables
 from engine.config import PRESETS
-from engine.kernels import (cpu_amx, cpu_attention, cpu_jit, cpu_layer_ops, cpu_math,
-                            cpu_products)
+from engine.kernels import cpu_attention, cpu_jit, cpu_layer_ops, cpu_math, cpu_products
 from engine.kernels.cpu_backend import HugePageArena
 from engine.kernels.cpu_decode import CpuDecoder
 from engine.kernels.paged_attention import paged_decode_attention_ref
@@ -65,14 +63,9 @@ def _decode_inputs(model: Llama, lens: list[int], block_size: int, num_blocks: i
     return cache, ids, torch.tensor(lens) - 1, meta
 
 
-# The products' methods this CPU runs: fp32 panels everywhere, AMX tiles where it has them.
-METHODS = ["panels"] + (["amx"] if cpu_amx.available() else [])
-needs_amx = pytest.mark.skipif(not cpu_amx.available(), reason="this CPU offers no AMX tiles")
-
-
-@pytest.fixture(scope="module", params=METHODS)
-def decoder(model: Llama, request) -> CpuDecoder:
-    return CpuDecoder(model, request.param)
+@pytest.fixture(scope="module")
+def decoder(model: Llama) -> CpuDecoder:
+    return CpuDecoder(model)
 
 
 def _run(model: Llama, decoder: CpuDecoder | None, cache: KVCache, ids: torch.Tensor,
@@ -219,23 +212,14 @@ def test_the_kernels_exponential_is_float32_exact_below_zero() -> None:
 
 def test_runner_numpy_and_torch_paths_sample_and_cache_alike(model: Llama) -> None:
     """The runner's own inputs (slots, padded tables) fed to either path: prefill, then decodes
-    of ragged sequences over scattered blocks; tokens agree at every step, and so do the caches,
-    each as close to a float64 run of the same weights as the torch path's fp32 is.
-
-    (Against each other alone, 1e-5 did not hold: at one V entry of this run the torch path was
-    1.04e-5 off float64 and the tile products 2.9e-6.)"""
+    of ragged sequences over scattered blocks; tokens and caches agree at every step."""
     runners = []
-    for numpy_decode, dtype in ((True, torch.float32), (False, torch.float32),
-                                (False, torch.float64)):
-        # The float64 model is copied after the first runner built its decoder (which rounds
-        # the weights where it runs on AMX tiles), so that all three share the same numbers.
-        mine = model if dtype == torch.float32 else copy.deepcopy(model).double()
+    for numpy_decode in (True, False):
         blocks = BlockManager(40, 3)
         blocks.free_blocks.rotate(17)  # tables that wrap around the cache, not in order
-        cache = KVCache(model.config, 40, 3, dtype, torch.device("cpu"))
-        runners.append(ModelRunner(mine, cache, blocks, torch.device("cpu"),
+        cache = KVCache(model.config, 40, 3, torch.float32, torch.device("cpu"))
+        runners.append(ModelRunner(model, cache, blocks, torch.device("cpu"),
                                    numpy_decode=numpy_decode))
-    assert runners[0].cpu_decoder is not None and runners[1].cpu_decoder is None
     seqs = [[Sequence(RequestRecord(id=i, prompt_ids=list(range(1 + i, 6 + 4 * i)), max_tokens=8,
                                     arrival_s=0.0)) for i in range(3)] for _ in runners]
     for _ in range(6):
@@ -248,13 +232,9 @@ def test_runner_numpy_and_torch_paths_sample_and_cache_alike(model: Llama) -> No
             for seq, n in items:
                 seq.num_computed += n
                 seq.append(sampled[-1][seq.id], 0.0)
-        assert sampled[0] == sampled[1] == sampled[2]
-        for ours, theirs, exact in ((runners[0].cache.k, runners[1].cache.k, runners[2].cache.k),
-                                    (runners[0].cache.v, runners[1].cache.v, runners[2].cache.v)):
-            torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
-            fp32_error = float((theirs.double() - exact).abs().max())
-            torch.testing.assert_close(ours.double(), exact, atol=max(1.5 * fp32_error, 1e-5),
-                                       rtol=0)
+        assert sampled[0] == sampled[1]
+        torch.testing.assert_close(runners[0].cache.k, runners[1].cache.k, atol=1e-5, rtol=0)
+        torch.testing.assert_close(runners[0].cache.v, runners[1].cache.v, atol=1e-5, rtol=0)
 
 
 def test_arena_hands_out_aligned_tensors_in_the_layout_asked_for() -> None:
@@ -328,7 +308,7 @@ def test_panel_products_match_torch_at_every_tile_size(rows: int, out_features: 
     gen = torch.Generator().manual_seed(rows * 1000 + out_features)
     weight = torch.randn(out_features, in_features, generator=gen)
     x = torch.randn(rows, in_features, generator=gen)
-    product = cpu_products.WeightProduct(weight, method="panels")
+    product = cpu_products.WeightProduct(weight)
     want = (x.double() @ weight.double().T).numpy()
     for tile_rows in (14, 2):  # AVX-512's tiles, and those of a CPU without it (both run anywhere)
         product.tile_rows = tile_rows
@@ -339,99 +319,15 @@ def test_panel_products_match_torch_at_every_tile_size(rows: int, out_features: 
         product(np.ones((rows, in_features + 1), np.float32))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_a_product_of_no_rows_is_empty_and_the_kernel_refuses_wrong_shapes(method: str) -> None:
-    product = cpu_products.WeightProduct(torch.ones(40, 8), method=method)
+def test_a_product_of_no_rows_is_empty_and_the_kernel_refuses_wrong_shapes() -> None:
+    product = cpu_products.WeightProduct(torch.ones(40, 8))
     assert product(np.ones((0, 8), np.float32)).shape == (0, 40)
-    with pytest.raises(ValueError, match="rows of 8 inputs"):
-        product(np.ones((3, 9), np.float32))
     x = np.ones((3, 8), np.float32)
-    if method == "panels":
-        with pytest.raises(ValueError, match="smaller than the product"):
-            cpu_products.panel_product(x, product.panels, np.empty((3, 40), np.float32), 14)
-        with pytest.raises(ValueError, match="do not match"):
-            cpu_products.panel_product(np.ones((3, 9), np.float32), product.panels,
-                                       np.empty((3, 64), np.float32), 14)
-        return
-    pieces = np.zeros((3, 1, 3, 32), np.uint16)
-    configs = cpu_amx.tile_configs(3)
     with pytest.raises(ValueError, match="smaller than the product"):
-        cpu_amx.amx_product(pieces, product.panels, np.empty((3, 40), np.float32), configs)
+        cpu_products.panel_product(x, product.panels, np.empty((3, 40), np.float32), 14)
     with pytest.raises(ValueError, match="do not match"):
-        cpu_amx.amx_product(np.zeros((3, 2, 3, 32), np.uint16), product.panels,
-                            np.empty((3, 64), np.float32), configs)
-    for rows, configured in ((17, 16), (33, 32), (16, 17)):  # would run unconfigured tiles
-        with pytest.raises(ValueError, match="tile configurations do not match"):
-            cpu_amx.amx_product(np.zeros((3, 1, rows, 32), np.uint16), product.panels,
-                                np.empty((rows, 64), np.float32), cpu_amx.tile_configs(configured))
-
-
-@needs_amx
-@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 31, 32, 33, 40])
-@pytest.mark.parametrize("out_features, in_features", [(64, 48), (40, 33), (96, 1), (33, 100)])
-def test_tile_products_match_float64_at_every_chunk(rows: int, out_features: int,
-                                                    in_features: int) -> None:
-    """The AMX path over one and several passes of 16 rows, widths and depths that are not
-    whole tiles: on weights rounded to their two bf16 pieces it is as close to float64 as fp32
-    panels are; on weights as they came, within the rounding's 2^-16 of each term."""
-    gen = torch.Generator().manual_seed(rows * 1000 + out_features)
-    weight = torch.randn(out_features, in_features, generator=gen)
-    x = torch.randn(rows, in_features, generator=gen).numpy()
-    sizes = np.abs(x).astype(np.float64) @ np.abs(weight.double().numpy()).T
-    loose = cpu_products.WeightProduct(weight, method="amx")(x)
-    error = np.abs(loose - x.astype(np.float64) @ weight.double().numpy().T)
-    assert np.all(error <= 3e-5 * sizes)
-    cpu_amx.round_in_place(weight.numpy())
-    product = cpu_products.WeightProduct(weight, method="amx")
-    got = product(x)
-    assert got.shape == (rows, out_features) and got.flags["C_CONTIGUOUS"]
-    want = x.astype(np.float64) @ weight.double().numpy().T
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert np.all(np.abs(got - want) <= 2e-7 * sizes)
-
-
-def test_the_tiles_are_used_only_where_offered(monkeypatch) -> None:
-    """`SERVING_LAB_AMX=0` keeps the products on fp32 panels, and asking for tiles where there
-    are none is a clear error, not an illegal instruction."""
-    cpu_amx.available.cache_clear()
-    monkeypatch.setenv(cpu_amx.ENV, "0")
-    try:
-        assert not cpu_amx.available()
-        assert cpu_products.default_method() == "panels"
-        with pytest.raises(ValueError, match="no AMX tiles"):
-            cpu_products.WeightProduct(torch.ones(4, 4), method="amx")
-    finally:
-        cpu_amx.available.cache_clear()
-    with pytest.raises(ValueError, match="'amx' or 'panels'"):
-        cpu_products.WeightProduct(torch.ones(4, 4), method="tiles")
-
-
-def test_weights_round_to_two_bf16_pieces_that_hold_them_exactly() -> None:
-    gen = torch.Generator().manual_seed(3)
-    weight = torch.randn(50, 70, generator=gen).numpy() * np.float32(0.02)
-    weight[0, :4] = [1.0, -0.5, 0.375, 0.0]  # numbers a bf16 holds: left as they are
-    rounded = weight.copy()
-    cpu_amx.round_in_place(rounded)
-    assert np.all(np.abs(rounded - weight) <= 2.0 ** -16 * np.abs(weight))
-    assert np.array_equal(rounded[0, :4], weight[0, :4])
-    again = rounded.copy()
-    cpu_amx.round_in_place(again)
-    assert np.array_equal(again, rounded)  # the pieces hold the rounded numbers exactly
-    hi, lo = cpu_amx.split(rounded)
-    widen = lambda bits: (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    assert np.array_equal(widen(hi) + widen(lo), rounded.astype(np.float64))
-
-
-@needs_amx
-def test_rows_split_into_three_pieces_that_add_up_to_them() -> None:
-    x = (torch.randn(5, 70, generator=torch.Generator().manual_seed(4)) * 7).numpy()
-    pieces = np.full((3, 3, 5, 32), 0xFFFF, np.uint16)  # K = 70: three blocks, the last short
-    cpu_amx.split_rows(x, pieces)
-    widen = lambda bits: (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    total = sum(widen(pieces[i]) for i in range(3))  # (blocks, rows, 32)
-    total = total.transpose(1, 0, 2).reshape(5, 96)
-    assert np.all(np.abs(total[:, :70] - x) <= 2.0 ** -26 * np.abs(x))
-    assert np.all(pieces[:, 2, :, 70 - 64:] == 0)  # past K: zeros, not what the memory held
+        cpu_products.panel_product(np.ones((3, 9), np.float32), product.panels,
+                                   np.empty((3, 64), np.float32), 14)
 
 
 def test_the_kernel_cache_is_named_after_every_kernel_source(tmp_path) -> None:
@@ -461,29 +357,24 @@ def test_panels_hold_the_matrix_k_major_with_zeros_past_its_width() -> None:
                 assert panels[p, k, j] == (weight[row, k] if row < 40 else 0)
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("lens, most_panel_rows", [([5, 9, 3, 12, 7], 512), ([4] * 17, 16),
-                                                   ([3] * 33, 512)])
+@pytest.mark.parametrize("lens, most_panel_rows", [([5, 9, 3, 12, 7], 512), ([4] * 17, 16)])
 def test_a_decode_step_reads_each_weight_once_through_panels_packed_once(
-        model: Llama, lens: list[int], most_panel_rows: int, method: str, monkeypatch) -> None:
-    """What batched decode's speed rests on, for either method: every weight matrix has one
-    product object, whose packed copy (fp32 panels, or the AMX tiles' bf16 pieces) is made once,
-    when the decoder is built, into memory of its own (never repacked on a call); a step of B
-    sequences calls each product once with all B rows, through the method's kernel up to
-    `MOST_PANEL_ROWS` rows and torch's BLAS on the model's own matrix past it (never numpy's
-    OpenBLAS, which repacks a matrix on every call of 2+ rows), and the kernel is compiled once
-    for every batch size. Attention reads the cache itself, not a gathered copy."""
-    owner, pack_name, kernel_name = ((cpu_amx, "pack_split", "amx_product") if method == "amx"
-                                     else (cpu_products, "pack_panels", "panel_product"))
+        model: Llama, lens: list[int], most_panel_rows: int, monkeypatch) -> None:
+    """What batched decode's speed rests on: every weight matrix has one product object, whose
+    panels are packed once, when the decoder is built, into memory of their own (never repacked
+    on a call); a step of B sequences calls each product once with all B rows, through the panel
+    kernel up to `MOST_PANEL_ROWS` rows and torch's BLAS on the model's own matrix past it (never
+    numpy's OpenBLAS, which repacks a matrix on every call of 2+ rows), and the panel kernel is
+    compiled once for every batch size. Attention reads the cache itself, not a gathered copy."""
     packs: list[tuple[int, int]] = []
-    pack = getattr(owner, pack_name)
+    pack = cpu_products.pack_panels
 
     def counting_pack(weight: np.ndarray, *rest) -> np.ndarray:
         packs.append(weight.shape)
         return pack(weight, *rest)
 
-    monkeypatch.setattr(owner, pack_name, counting_pack)
-    decoder = CpuDecoder(model, method)
+    monkeypatch.setattr(cpu_products, "pack_panels", counting_pack)
+    decoder = CpuDecoder(model)
     products = [decoder.lm_head] + [p for w in decoder.layers for p in (w.qkv, w.o, w.gate_up,
                                                                          w.down)]
     assert len({id(p) for p in products}) == len(packs) == 4 * CFG.num_hidden_layers + 1
@@ -498,17 +389,17 @@ def test_a_decode_step_reads_each_weight_once_through_panels_packed_once(
     for p in products:
         np.testing.assert_array_equal(p.panels, pack(p.weight.numpy()))
     calls: list[tuple[int, int]] = []
-    compiled, linear = getattr(owner, kernel_name), torch.nn.functional.linear
+    compiled, linear = cpu_products.panel_product, torch.nn.functional.linear
 
-    def counting_kernel(x: np.ndarray, packed: np.ndarray, out: np.ndarray, *rest) -> None:
-        calls.append((out.shape[0], packed.ctypes.data))  # x is split into pieces on AMX
-        compiled(x, packed, out, *rest)
+    def counting_kernel(x: np.ndarray, packed: np.ndarray, *rest) -> None:
+        calls.append((x.shape[0], packed.ctypes.data))
+        compiled(x, packed, *rest)
 
     def counting_linear(x: torch.Tensor, w: torch.Tensor, *rest) -> torch.Tensor:
         calls.append((x.shape[0], w.data_ptr()))
         return linear(x, w, *rest)
 
-    monkeypatch.setattr(owner, kernel_name, counting_kernel)
+    monkeypatch.setattr(cpu_products, "panel_product", counting_kernel)
     monkeypatch.setattr(cpu_products, "MOST_PANEL_ROWS", most_panel_rows)
     monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
     attended: list[np.ndarray] = []

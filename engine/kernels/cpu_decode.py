@@ -4,9 +4,9 @@ Why not torch for the whole step: a decode step of the CPU default model perform
 hundred operations on vectors of a few hundred numbers, and each torch call costs several
 microseconds of dispatch. Here a step is a short list of compiled calls (`engine.kernels.cpu_jit`)
 on views of the model's norms and rotary tables and of the engine's KV pages, and on the weight
-matrices packed once when the decoder is built (`cpu_products`: fp32 panels, or bf16 pieces for
-the AMX tile units of `cpu_amx` where the CPU has them; a second copy of the weights, 111 MB for
-`cpu-30m`, since prefill chunks and token lookups read the model's own), per layer:
+matrices packed once into panels when the decoder is built (`cpu_products`; a second copy of the
+weights, 111 MB for `cpu-30m`, since prefill chunks and token lookups read the model's own), per
+layer:
 - four weight products, one call per matrix with every sequence's row (`cpu_products`);
 - the rotary embedding with the K/V write into the cache, the residual adds with the norms after
   them, and SwiGLU (`cpu_layer_ops`);
@@ -15,9 +15,8 @@ the AMX tile units of `cpu_amx` where the CPU has them; a second copy of the wei
 Only steps made of decodes alone come here (one new token per sequence, K/V written through the
 slot mapping, attention over each sequence's pages), and only when the runner sends them
 (`engine.runner.choose_path`); prefill chunks stay on the torch path. The arithmetic matches the
-torch path operation for operation, in fp32 (on AMX, products of fp32's precision made of bf16
-pieces): each function that repeats a piece of it names its torch twin, and
-tests/test_cpu_decode.py holds every pair to the same numbers.
+torch path operation for operation, in fp32: each function that repeats a piece of it names its
+torch twin, and tests/test_cpu_decode.py holds every pair to the same numbers.
 """
 from __future__ import annotations
 
@@ -26,12 +25,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.kernels import cpu_amx, cpu_jit
+from engine.kernels import cpu_jit
 from engine.kernels import cpu_layer_ops as ops
 from engine.kernels.cpu_attention import PagedDecodeAttention
 from engine.kernels.cpu_backend import HugePageArena
-from engine.kernels.cpu_products import (Allocate, WeightProduct, default_method,
-                                         packed_shape)
+from engine.kernels.cpu_products import Allocate, WeightProduct, panels_shape
 
 
 @dataclass
@@ -44,10 +42,10 @@ class _Layer:
     down: WeightProduct  # F -> d
 
 
-def _panel_memory(matrices: list[torch.Tensor], method: str) -> Allocate:
-    """Memory for every matrix's packed copy, from one huge-page arena (as the model's own
+def _panel_memory(matrices: list[torch.Tensor]) -> Allocate:
+    """Memory for every matrix's packed panels, from one huge-page arena (as the model's own
     weights are: `engine.kernels.cpu_backend`), handed out in the order asked."""
-    shapes = [packed_shape(*m.shape, method) for m in matrices]
+    shapes = [panels_shape(*m.shape) for m in matrices]
     arena = HugePageArena(sum(HugePageArena.size_of(s, torch.float32) for s in shapes))
 
     def allocate(shape: tuple[int, ...]) -> np.ndarray:
@@ -59,16 +57,12 @@ def _panel_memory(matrices: list[torch.Tensor], method: str) -> Allocate:
 
 
 class CpuDecoder:
-    """An fp32 CPU `Llama`'s weights as the decode step reads them (matrices packed once, as fp32
-    panels or AMX tiles; views of the rest), and the step over them.
+    """An fp32 CPU `Llama`'s weights as the decode step reads them (matrices packed into panels,
+    views of the rest), and the step over them.
 
     Torch twin: `engine.model.Llama.forward` over a decodes-only batch."""
 
-    def __init__(self, model: torch.nn.Module, method: str | None = None) -> None:
-        """`method`: how the weight products run, "amx" or "panels" (`WeightProduct`); None
-        picks the CPU's best. With "amx", the model's own matrices are first rounded to what
-        the tiles hold exactly (`cpu_amx.round_in_place`, at most 2^-16 of each number), so that
-        prefill, the torch twin and the decode step all multiply by the same numbers."""
+    def __init__(self, model: torch.nn.Module) -> None:
         cfg = model.config
         self.n_heads, self.n_kv, self.d_head = (cfg.num_attention_heads, cfg.num_key_value_heads,
                                                 cfg.head_dim)
@@ -77,13 +71,8 @@ class CpuDecoder:
         matrices = [model.lm_head.weight] + [m for layer in model.model.layers for m in (
             layer.self_attn.qkv_weight, layer.self_attn.o_proj.weight, layer.mlp.gate_up_weight,
             layer.mlp.down_proj.weight)]
-        method = default_method() if method is None else method
-        if method == "amx":
-            with torch.no_grad():
-                for m in matrices:
-                    cpu_amx.round_in_place(m.detach().numpy())
-        allocate = _panel_memory(matrices, method)
-        products = iter([WeightProduct(m, allocate, method) for m in matrices])
+        allocate = _panel_memory(matrices)
+        products = iter([WeightProduct(m, allocate) for m in matrices])
         self.lm_head = next(products)
         self.layers = [
             _Layer(layer.input_layernorm.weight.detach().numpy(), next(products), next(products),

@@ -107,8 +107,6 @@ kernel = functools.partial(numba.njit, parallel=True, fastmath=True, cache=True,
 prange = numba.prange
 # A loop too small to share out over threads (waking a thread costs more than it saves).
 serial = functools.partial(numba.njit, fastmath=True, cache=True, nogil=True, boundscheck=False)
-# Bit-exact float work (splitting numbers into pieces): no fast-math reordering of its sums.
-exact = functools.partial(numba.njit, cache=True, nogil=True, boundscheck=False)
 # A small compiled helper that kernels call: numba pastes its body into the caller.
 inline = functools.partial(numba.njit, inline="always", fastmath=True, cache=True,
                            boundscheck=False)

@@ -13,11 +13,6 @@ So each weight is packed once, here, into panels of `PANEL` output columns store
 `panel_product` runs the vector tiles of `engine.kernels.cpu_tiles` over them: tiles of up to 14
 rows (`tile_rows()`), panels shared out over the threads. Past `MOST_PANEL_ROWS` rows (far beyond
 any decode batch the lab or the bench makes) the product goes to MKL, on the model's own matrix.
-
-On CPUs with AMX tile units (Intel from Sapphire Rapids on), each weight is instead packed into
-bf16 hi/lo pieces for `engine.kernels.cpu_amx`, whose tile products take the arithmetic off the
-critical path (the same bytes a step, fp32-close sums: see that module). `WeightProduct`'s
-`method` says which: "amx" where `cpu_amx.available()`, else "panels".
 """
 from __future__ import annotations
 
@@ -26,7 +21,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engine.kernels import cpu_amx, cpu_jit
+from engine.kernels import cpu_jit
 from engine.kernels.cpu_jit import kernel, prange
 from engine.kernels.cpu_tiles import PANEL, tile
 
@@ -51,19 +46,6 @@ def tile_rows() -> int:
 def panels_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
     """(panels, K, PANEL): the packed shape of an (out, in) matrix, out padded to whole panels."""
     return -(-out_features // PANEL), in_features, PANEL
-
-
-def default_method() -> str:
-    """"amx" where the CPU's tile units can run the products (`cpu_amx.available`), else
-    "panels"."""
-    return "amx" if cpu_amx.available() else "panels"
-
-
-def packed_shape(out_features: int, in_features: int, method: str) -> tuple[int, int, int]:
-    """The memory a packed (out, in) matrix takes, as a shape of fp32 numbers."""
-    if method == "amx":
-        return cpu_amx.packed_shape(out_features, in_features)
-    return panels_shape(out_features, in_features)
 
 
 def pack_panels(weight: np.ndarray, allocate: Allocate | None = None) -> np.ndarray:
@@ -146,41 +128,26 @@ def panel_product(x, panels, out, most_rows):
 
 
 class WeightProduct:
-    """`x @ weight.T` for numpy rows x: (B, in) -> (B, out), over a copy of the weight packed
-    once, here: fp32 panels (`method="panels"`) or bf16 hi/lo tiles (`"amx"`); the default is
-    `default_method()`."""
+    """`x @ weight.T` for numpy rows x: (B, in) -> (B, out), over panels packed once, here."""
 
-    def __init__(self, weight: torch.Tensor, allocate: Allocate | None = None,
-                 method: str | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, allocate: Allocate | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError(f"a weight product needs an (out, in) matrix, got {weight.dim()} dims")
         if weight.dtype != torch.float32:
             raise ValueError(f"the CPU decode step multiplies fp32 weights, not {weight.dtype}")
-        method = default_method() if method is None else method
-        if method not in ("amx", "panels"):
-            raise ValueError(f"a weight product's method is 'amx' or 'panels', not {method!r}")
-        if method == "amx" and not cpu_amx.available():
-            raise ValueError("this CPU (or its kernel, or SERVING_LAB_AMX=0) offers no AMX tiles")
-        self.method = method
         self.weight = weight.detach()  # (out, in), the model's own, for MKL past the panel rows
-        self.out_features, self.in_features = self.weight.shape
-        if method == "amx":
-            self.panels = cpu_amx.pack_split(self.weight.numpy(), allocate)
-            self._tiles = cpu_amx.TileProduct(self.panels, self.out_features)
-        else:
-            self.panels = pack_panels(self.weight.numpy(), allocate)
+        self.out_features = self.weight.shape[0]
+        self.panels = pack_panels(self.weight.numpy(), allocate)
         self.tile_rows = tile_rows()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim != 2 or x.shape[1] != self.in_features:  # the kernels trust their shapes
-            raise ValueError(f"rows of {self.in_features} inputs expected, got {x.shape}")
+        if x.ndim != 2 or x.shape[1] != self.panels.shape[1]:  # the kernel trusts its shapes
+            raise ValueError(f"rows of {self.panels.shape[1]} inputs expected, got {x.shape}")
         if x.shape[0] > MOST_PANEL_ROWS:
             return torch.nn.functional.linear(torch.from_numpy(x), self.weight).numpy()
         if x.shape[0] == 0:
             return np.empty((0, self.out_features), np.float32)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.method == "amx":
-            return self._tiles(x)
         out = np.empty((x.shape[0], self.panels.shape[0] * PANEL), np.float32)
         panel_product(x, self.panels, out, self.tile_rows)
         if out.shape[1] != self.out_features:  # a width that is not a whole number of panels
