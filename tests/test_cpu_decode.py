@@ -179,12 +179,15 @@ def test_swiglu_matches_its_twin(model: Llama, decoder: CpuDecoder) -> None:
 
 # d 64 and 96 with groups up to 4: V read through the vector tiles (96: three of them); d 8 or a
 # group of 5: the plain loop. 64: the head size the kernel spells out.
-@pytest.mark.parametrize("d, group", [(8, 3), (64, 1), (64, 3), (96, 4), (64, 5)])
+@pytest.mark.parametrize("d, group", [(8, 3), (64, 1), (64, 2), (64, 3), (64, 4), (96, 4),
+                                      (64, 5), (128, 2)])
 @pytest.mark.parametrize("lens", [[9], [3, 17, 1, 40], [3, 17, 1, 40, 6, 1]])  # split by head
-def test_paged_decode_attention_matches_its_twin(lens: list[int], d: int, group: int) -> None:
-    block_size, hkv = 4, 2
-    cache = _rows(5, 2, 30, block_size, hkv, d)  # K and V: (2, NB, P, Hkv, D)
-    order = np.random.default_rng(0).permutation(30).tolist()
+@pytest.mark.parametrize("block_size", [4, 16, 32])  # 16 and 32: whole score tiles in a page
+def test_paged_decode_attention_matches_its_twin(lens: list[int], d: int, group: int,
+                                                 block_size: int) -> None:
+    hkv = 2
+    cache = _rows(5, 2, 40, block_size, hkv, d)  # K and V: (2, NB, P, Hkv, D)
+    order = np.random.default_rng(0).permutation(40).tolist()
     tables, start = [], 0
     for n in lens:
         tables.append(order[start:start + blocks_for(n, block_size)])

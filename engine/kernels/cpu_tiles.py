@@ -189,3 +189,84 @@ def prefetch(typingctx, address):
         return ir.Constant(_I64, 0)
 
     return sig, codegen
+
+
+SCORE_TOKENS = LANES  # tokens one score tile takes: one vector of scores
+
+
+def _lane_sums(builder: ir.IRBuilder, vectors: list) -> ir.Value:
+    """One vector whose lane t is the sum of vectors[t]'s lanes, for LANES vectors.
+
+    Pairs are folded level by level: two vectors that each hold some tokens' partial sums in
+    runs of w lanes become one holding all those tokens in runs of w / 2 (the runs' first halves
+    plus their second halves, one two-source shuffle each). Four levels take 16 vectors to one, in
+    15 folds instead of 16 separate reductions; a last shuffle puts the tokens in order."""
+    items = [(v, [t] * LANES) for t, v in enumerate(vectors)]
+    width = LANES
+    while len(items) > 1:
+        half = width // 2
+        low, high = [], []
+        for source in (0, LANES):  # lanes of the first vector, then of the second
+            for run in range(0, LANES, width):
+                low += [source + run + i for i in range(half)]
+                high += [source + run + half + i for i in range(half)]
+        folded = []
+        for (a, a_tokens), (b, b_tokens) in zip(items[0::2], items[1::2]):
+            both = a_tokens + b_tokens
+            mask_low = ir.Constant(ir.VectorType(_I32, LANES), low)
+            mask_high = ir.Constant(ir.VectorType(_I32, LANES), high)
+            summed = builder.fadd(builder.shuffle_vector(a, b, mask_low),
+                                  builder.shuffle_vector(a, b, mask_high))
+            folded.append((summed, [both[i] for i in low]))
+        items, width = folded, half
+    vector, tokens = items[0]
+    order = ir.Constant(ir.VectorType(_I32, LANES), [tokens.index(t) for t in range(LANES)])
+    return builder.shuffle_vector(vector, ir.Constant(_VEC, ir.Undefined), order)
+
+
+@functools.cache
+def score_tile(group: int, d_head: int):
+    """`scores(q_addr, k_addr, k_step, out_addr, out_stride)`: for SCORE_TOKENS tokens whose K
+    rows start at k_addr, k_step floats apart, and the `group` query rows at q_addr (d_head
+    floats each, side by side), out[g * out_stride + t] = q[g] . k[t]. Attention's first pass: each
+    K row is read once for the group, each product summed in vector registers, and the 16 tokens'
+    sums reduced together (`_lane_sums`) instead of one at a time."""
+    if not 1 <= group <= 4 or d_head % LANES or not LANES <= d_head <= 128:
+        raise ValueError(f"a score tile takes 1-4 query rows of 16-128 floats, not {group} x "
+                         f"{d_head}")
+    chunks = d_head // LANES
+
+    @intrinsic
+    def scores(typingctx, q_addr, k_addr, k_step, out_addr, out_stride):
+        sig = types.int64(*[types.int64] * 5)
+
+        def codegen(context, builder, signature, args):
+            q_addr, k_addr, k_step, out_addr, out_stride = args
+            vptr, fptr = _VEC.as_pointer(), _F32.as_pointer()
+            fma = _declared(builder.module, "llvm.fmuladd.v16f32",
+                            ir.FunctionType(_VEC, [_VEC] * 3))
+            q = builder.inttoptr(q_addr, fptr)
+            k = builder.inttoptr(k_addr, fptr)
+            out = builder.inttoptr(out_addr, fptr)
+            qv = [[builder.load(builder.bitcast(builder.gep(q, [_i64(g * d_head + c * LANES)]),
+                                                vptr), align=4) for c in range(chunks)]
+                  for g in range(group)]
+            partial = [[] for _ in range(group)]
+            for t in range(SCORE_TOKENS):
+                row = builder.gep(k, [builder.mul(k_step, _i64(t))])
+                kv = [builder.load(builder.bitcast(builder.gep(row, [_i64(c * LANES)]), vptr),
+                                   align=4) for c in range(chunks)]
+                for g in range(group):
+                    s = builder.fmul(qv[g][0], kv[0])
+                    for c in range(1, chunks):
+                        s = builder.call(fma, [qv[g][c], kv[c], s])
+                    partial[g].append(s)
+            for g in range(group):
+                target = builder.gep(out, [builder.mul(out_stride, _i64(g))])
+                builder.store(_lane_sums(builder, partial[g]), builder.bitcast(target, vptr),
+                              align=4)
+            return ir.Constant(_I64, 0)
+
+        return sig, codegen
+
+    return scores
