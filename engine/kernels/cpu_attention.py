@@ -12,9 +12,9 @@ front to back"). The hardware prefetcher stops at each page's edge, so while a j
 it asks for the next (`cpu_tiles.prefetch`).
 
 Within a job, each token's K row is loaded once for the group's query heads that share it. Where
-the head size is 64 or 128 and a group has 1 to 4 query heads, a page's tokens are scored 16 at a
-time through `cpu_tiles.score_tile`, which sums the 16 dot products' vectors together instead of
-reducing each across its lanes alone (a `cpu-30m` layer's attention at batch 16 and 32, two
+the head size is 64 (`SCORE_HEAD`, every preset's) and a group has 1 to 4 query heads, a page's
+tokens are scored 16 at a time through `cpu_tiles.score_tile`, which sums the 16 dot products'
+vectors together instead of reducing each across its lanes alone (a `cpu-30m` layer's attention at batch 16 and 32, two
 threads: 7-8 % less time, docs/benchmarks.md, "Sixth look"); other tokens, a token at a time. The
 softmax is the plain two-pass one over the job's scores, which stay in the core's cache, with the
 exponential computed by `cpu_math.exp_below_zero` so that the loop stays in vector instructions.
@@ -31,6 +31,7 @@ from engine.kernels.cpu_math import exp_below_zero
 from engine.kernels.cpu_tiles import PANEL, SCORE_TOKENS, accumulate_tile, prefetch, score_tile
 
 LINE = 64  # bytes in a cache line
+SCORE_HEAD = 64  # the head size the score tiles are built for: every preset's
 
 @inline
 def dot(a, b, d_head):
@@ -55,31 +56,20 @@ def prefetch_rows(base, strides, block, slot, h0, nbytes):
 
 
 _ACC1, _ACC2, _ACC3, _ACC4 = (accumulate_tile(rows) for rows in range(1, 5))
-_S1, _S2, _S3, _S4 = (score_tile(group, 64) for group in range(1, 5))
-_W1, _W2, _W3, _W4 = (score_tile(group, 128) for group in range(1, 5))
+_S1, _S2, _S3, _S4 = (score_tile(group, SCORE_HEAD) for group in range(1, 5))
 
 
 @inline
-def score_rows(group, d_head, q, k, k_step, out, out_stride):
-    """The score tile (cpu_tiles.score_tile) for `group` query rows of `d_head` floats."""
-    if d_head == 64:
-        if group == 1:
-            _S1(q, k, k_step, out, out_stride)
-        elif group == 2:
-            _S2(q, k, k_step, out, out_stride)
-        elif group == 3:
-            _S3(q, k, k_step, out, out_stride)
-        elif group == 4:
-            _S4(q, k, k_step, out, out_stride)
-    elif d_head == 128:
-        if group == 1:
-            _W1(q, k, k_step, out, out_stride)
-        elif group == 2:
-            _W2(q, k, k_step, out, out_stride)
-        elif group == 3:
-            _W3(q, k, k_step, out, out_stride)
-        elif group == 4:
-            _W4(q, k, k_step, out, out_stride)
+def score_rows(group, q, k, k_step, out, out_stride):
+    """The score tile (cpu_tiles.score_tile) for `group` query rows of SCORE_HEAD floats."""
+    if group == 1:
+        _S1(q, k, k_step, out, out_stride)
+    elif group == 2:
+        _S2(q, k, k_step, out, out_stride)
+    elif group == 3:
+        _S3(q, k, k_step, out, out_stride)
+    elif group == 4:
+        _S4(q, k, k_step, out, out_stride)
 
 
 @inline
@@ -111,7 +101,7 @@ def paged_attention(q, keys, values, tables, lens, out):
              and values.strides[1] % 4 == 0)
     q_at = np.int64(q.ctypes.data)
     k_step = keys.strides[1] // 4  # floats from one token's K rows to the next one's
-    scoring = ((d_head == 64 or d_head == 128) and 1 <= group <= 4 and keys.strides[3] == 4
+    scoring = (d_head == SCORE_HEAD and 1 <= group <= 4 and keys.strides[3] == 4
                and keys.strides[1] % 4 == 0 and q.strides[3] == 4
                and q.strides[2] == d_head * 4 and q.strides[1] == group * d_head * 4
                and q.strides[0] == hkv * group * d_head * 4)
@@ -137,7 +127,7 @@ def paged_attention(q, keys, values, tables, lens, out):
                     elif ahead >= n:  # the last page: ask for the first V page instead
                         prefetch_rows(v_at, values.strides, following, s, h0, row_bytes)
                 for h in range(heads):
-                    score_rows(group, d_head, q_at + ((b * hkv + h0 + h) * group) * d_head * 4,
+                    score_rows(group, q_at + ((b * hkv + h0 + h) * group) * d_head * 4,
                                k_at + block * keys.strides[0] + slot * keys.strides[1]
                                + (h0 + h) * keys.strides[2], k_step,
                                scores_at + ((h * group) * n + first + slot) * 4, n)
