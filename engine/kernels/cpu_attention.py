@@ -14,10 +14,11 @@ it asks for the next (`cpu_tiles.prefetch`).
 Within a job, each token's K row is loaded once for the group's query heads that share it. Where
 the head size is 64 (`SCORE_HEAD`, every preset's) and a group has 1 to 4 query heads, a page's
 tokens are scored 16 at a time through `cpu_tiles.score_tile`, which sums the 16 dot products'
-vectors together instead of reducing each across its lanes alone (a `cpu-30m` layer's attention at batch 16 and 32, two
-threads: 7-8 % less time, docs/benchmarks.md, "Sixth look"); other tokens, a token at a time. The
-softmax is the plain two-pass one over the job's scores, which stay in the core's cache, with the
-exponential computed by `cpu_math.exp_below_zero` so that the loop stays in vector instructions.
+vectors together instead of reducing each across its lanes alone (a `cpu-30m` layer's attention at
+batch 16 and 32, two threads: 7-8 % less time, docs/benchmarks.md, "Sixth look"); other tokens, a
+token at a time. The softmax is the plain two-pass one over the job's scores, which stay in the
+core's cache, with the exponential computed by `cpu_math.exp_below_zero` so that the loop stays in
+vector instructions.
 The V pass runs a page at a time through `cpu_tiles.accumulate_tile` (each V row read once for the
 group, the group's outputs summed in registers) where the head size is a multiple of 32 and a
 group has 1 to 4 query heads, and through a plain loop otherwise.
