@@ -15,10 +15,10 @@ Within a job, each token's K row is loaded once for the group's query heads that
 the head size is 64 (`SCORE_HEAD`, every preset's) and a group has 1 to 4 query heads, a page's
 tokens are scored 16 at a time through `cpu_tiles.score_tile`, which sums the 16 dot products'
 vectors together instead of reducing each across its lanes alone (a `cpu-30m` layer's attention at
-batch 16 and 32, two threads: 7-8 % less time, docs/benchmarks.md, "Sixth look"); other tokens, a
-token at a time. The softmax is the plain two-pass one over the job's scores, which stay in the
-core's cache, with the exponential computed by `cpu_math.exp_below_zero` so that the loop stays in
-vector instructions.
+batch 16 and 32, two threads: 0-14 % less time, 8 % in the median of five runs, docs/benchmarks.md,
+"Sixth look"); other tokens, a token at a time. The softmax is the plain two-pass one over the
+job's scores, which stay in the core's cache, with the exponential computed by
+`cpu_math.exp_below_zero` so that the loop stays in vector instructions.
 The V pass runs a page at a time through `cpu_tiles.accumulate_tile` (each V row read once for the
 group, the group's outputs summed in registers) where the head size is a multiple of 32 and a
 group has 1 to 4 query heads, and through a plain loop otherwise.
@@ -54,6 +54,16 @@ def prefetch_rows(base, strides, block, slot, h0, nbytes):
     start = base + block * strides[0] + slot * strides[1] + h0 * strides[2]
     for line in range(0, nbytes, LINE):
         prefetch(start + line)
+
+
+@inline
+def ask_ahead(keys, values, k_at, v_at, following, slot, left, h0, nbytes):
+    """While the K pass reads a page: ask for the next page's K rows at `slot` (`left` tokens
+    remain after this page), or, on the last page (left <= 0), the first V page's rows."""
+    if slot < left:
+        prefetch_rows(k_at, keys.strides, following, slot, h0, nbytes)
+    elif left <= 0:
+        prefetch_rows(v_at, values.strides, following, slot, h0, nbytes)
 
 
 _ACC1, _ACC2, _ACC3, _ACC4 = (accumulate_tile(rows) for rows in range(1, 5))
@@ -123,10 +133,7 @@ def paged_attention(q, keys, values, tables, lens, out):
             slot = 0
             while scoring and slot + SCORE_TOKENS <= count:  # 16 tokens at a time (cpu_tiles)
                 for s in range(slot, slot + SCORE_TOKENS):
-                    if s < n - ahead:
-                        prefetch_rows(k_at, keys.strides, following, s, h0, row_bytes)
-                    elif ahead >= n:  # the last page: ask for the first V page instead
-                        prefetch_rows(v_at, values.strides, following, s, h0, row_bytes)
+                    ask_ahead(keys, values, k_at, v_at, following, s, n - ahead, h0, row_bytes)
                 for h in range(heads):
                     score_rows(group, q_at + ((b * hkv + h0 + h) * group) * d_head * 4,
                                k_at + block * keys.strides[0] + slot * keys.strides[1]
@@ -134,10 +141,7 @@ def paged_attention(q, keys, values, tables, lens, out):
                                scores_at + ((h * group) * n + first + slot) * 4, n)
                 slot += SCORE_TOKENS
             for slot in range(slot, count):  # the rest, a token at a time
-                if slot < n - ahead:
-                    prefetch_rows(k_at, keys.strides, following, slot, h0, row_bytes)
-                elif ahead >= n:  # the last page: ask for the first V page instead
-                    prefetch_rows(v_at, values.strides, following, slot, h0, row_bytes)
+                ask_ahead(keys, values, k_at, v_at, following, slot, n - ahead, h0, row_bytes)
                 for h in range(heads):
                     k = keys[block, slot, h0 + h]
                     for g in range(group):

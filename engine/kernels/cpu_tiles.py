@@ -17,6 +17,10 @@ prefetching to the hardware, whose prefetcher does not run far enough ahead of a
 Measured on the 33 products of a `cpu-30m` step (docs/benchmarks.md, "Fifth pass"), the prefetch
 alone halved the time at 8 rows.
 
+Attention (`engine.kernels.cpu_attention`) uses two more: `accumulate_tile`, the same loop adding
+into its outputs, for the V pass; and `score_tile`, for the K pass, which scores 16 tokens' K rows
+against a group's query rows and reduces the 16 dot products' vectors together (`_lane_sums`).
+
 Each tile is a numba intrinsic: `tile(rows)` returns a function that compiled code calls with raw
 addresses, and that numba pastes, as the LLVM instructions built here, into its caller. Only
 llvmlite's public IR builder is used. (Each returns 0, which callers ignore: an intrinsic returns a
